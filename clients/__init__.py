@@ -1,0 +1,1 @@
+"""Bridges that carry voxlane sessions into other transports (LiveKit, MQTT)."""

@@ -1,0 +1,137 @@
+"""Exceptions raised by voxlane.
+
+Every exception carries a stable string ``code``. The same codes travel in the
+``error`` messages of the WebSocket protocol, so a client can map a server error
+back onto the class the server raised.
+
+Exception tree::
+
+    VoxlaneError                      code
+     ├── InvalidTokenError            invalid_token      a token is not legal at its place
+     ├── AudioFormatError             bad_audio          reference audio unreadable or over limits
+     ├── ModelNotFoundError           model_not_found    a checkpoint could not be located
+     ├── EngineError                  engine_error       the speech LM failed on a request
+     │    └── ContextOverflowError    context_overflow   a segment cannot fit the context window
+     └── ProtocolError                protocol_error     a message breaks protocol v1
+          ├── BadMessageError         bad_message        not JSON, or fields of the wrong type
+          ├── UnknownMessageError     unknown_type       a message type the server does not know
+          ├── MessageTooLargeError    message_too_large  over the configured size limit
+          ├── OutOfRangeError         out_of_range       a parameter is outside its bounds
+          └── UnknownTurnError        unknown_turn       a turn id that is not open on this session
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AudioFormatError",
+    "BadMessageError",
+    "ContextOverflowError",
+    "EngineError",
+    "InvalidTokenError",
+    "MessageTooLargeError",
+    "ModelNotFoundError",
+    "OutOfRangeError",
+    "ProtocolError",
+    "UnknownMessageError",
+    "UnknownTurnError",
+    "VoxlaneError",
+    "error_class_for_code",
+]
+
+
+class VoxlaneError(Exception):
+    """Base class of every voxlane error; ``code`` names it on the wire."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        """The human-readable explanation."""
+        return str(self)
+
+
+class InvalidTokenError(VoxlaneError, ValueError):
+    """A token id is out of range, or an audio token sits at the wrong frame position."""
+
+    code = "invalid_token"
+
+
+class AudioFormatError(VoxlaneError, ValueError):
+    """Audio could not be decoded, or breaks a limit (duration, size, channels)."""
+
+    code = "bad_audio"
+
+
+class ModelNotFoundError(VoxlaneError, FileNotFoundError):
+    """A model id or directory could not be resolved to a checkpoint."""
+
+    code = "model_not_found"
+
+
+class EngineError(VoxlaneError, RuntimeError):
+    """The speech LM engine failed while serving one request."""
+
+    code = "engine_error"
+
+
+class ContextOverflowError(EngineError):
+    """A segment (prompt plus its maximum audio) cannot fit the context window."""
+
+    code = "context_overflow"
+
+
+class ProtocolError(VoxlaneError):
+    """A message breaks protocol v1."""
+
+    code = "protocol_error"
+
+
+class BadMessageError(ProtocolError):
+    """The message is not valid JSON, or a field has the wrong type."""
+
+    code = "bad_message"
+
+
+class UnknownMessageError(ProtocolError):
+    """The message ``type`` is not part of protocol v1."""
+
+    code = "unknown_type"
+
+
+class MessageTooLargeError(ProtocolError):
+    """The message is larger than the server accepts."""
+
+    code = "message_too_large"
+
+
+class OutOfRangeError(ProtocolError, ValueError):
+    """A parameter is outside its documented bounds."""
+
+    code = "out_of_range"
+
+
+class UnknownTurnError(ProtocolError):
+    """The turn id is not open on this session."""
+
+    code = "unknown_turn"
+
+
+def _all_subclasses(cls: type[VoxlaneError]) -> list[type[VoxlaneError]]:
+    out: list[type[VoxlaneError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_class_for_code(code: str) -> type[VoxlaneError]:
+    """Return the exception class for a wire ``code`` (``VoxlaneError`` if unknown)."""
+    for cls in _all_subclasses(VoxlaneError):
+        if cls.code == code:
+            return cls
+    return VoxlaneError

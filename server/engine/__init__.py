@@ -1,0 +1,1 @@
+"""The speech LM engine: KV-cache reuse, frame-constrained sampling, off-loop step loop."""

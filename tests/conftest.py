@@ -1,0 +1,21 @@
+"""Shared fixtures: demo checkpoints are written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo root private to this test run."""
+    return tmp_path_factory.mktemp("voxlane-demo")
+
+
+@pytest.fixture(scope="session")
+def demo_snac_dir(demo_root: Path) -> Path:
+    """Directory of the random-weight SNAC 24 kHz checkpoint."""
+    from voxlane.server.demo import ensure_demo_snac
+
+    return ensure_demo_snac(demo_root)
