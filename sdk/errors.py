@@ -10,6 +10,7 @@ Exception tree::
      ├── InvalidTokenError            invalid_token      a token is not legal at its place
      ├── AudioFormatError             bad_audio          reference audio unreadable or over limits
      ├── ModelNotFoundError           model_not_found    a checkpoint could not be located
+     ├── ModelFormatError             bad_model          a checkpoint is not the model needed
      ├── EngineError                  engine_error       the speech LM failed on a request
      │    └── ContextOverflowError    context_overflow   a segment cannot fit the context window
      └── ProtocolError                protocol_error     a message breaks protocol v1
@@ -17,7 +18,11 @@ Exception tree::
           ├── UnknownMessageError     unknown_type       a message type the server does not know
           ├── MessageTooLargeError    message_too_large  over the configured size limit
           ├── OutOfRangeError         out_of_range       a parameter is outside its bounds
-          └── UnknownTurnError        unknown_turn       a turn id that is not open on this session
+          ├── UnknownTurnError        unknown_turn       a turn id that is not open on this session
+          ├── DuplicateTurnError      duplicate_turn     a turn id already used on this session
+          ├── TooManyTurnsError       too_many_turns     over the cap of open turns
+          ├── TurnClosedError         turn_closed        a turn already ended or cancelled
+          └── UnknownVoiceError       unknown_voice      a voice id the server does not have
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ __all__ = [
     "AudioFormatError",
     "BadMessageError",
     "ContextOverflowError",
+    "DuplicateTurnError",
     "EngineError",
     "InvalidTokenError",
     "MessageTooLargeError",
+    "ModelFormatError",
     "ModelNotFoundError",
     "OutOfRangeError",
     "ProtocolError",
+    "TooManyTurnsError",
+    "TurnClosedError",
     "UnknownMessageError",
     "UnknownTurnError",
+    "UnknownVoiceError",
     "VoxlaneError",
     "error_class_for_code",
 ]
@@ -71,6 +81,12 @@ class ModelNotFoundError(VoxlaneError, FileNotFoundError):
     """A model id or directory could not be resolved to a checkpoint."""
 
     code = "model_not_found"
+
+
+class ModelFormatError(VoxlaneError, ValueError):
+    """A checkpoint was found but is not the expected model (architecture, vocabulary, files)."""
+
+    code = "bad_model"
 
 
 class EngineError(VoxlaneError, RuntimeError):
@@ -119,6 +135,30 @@ class UnknownTurnError(ProtocolError):
     """The turn id is not open on this session."""
 
     code = "unknown_turn"
+
+
+class DuplicateTurnError(ProtocolError):
+    """The turn id was already used on this session (turn ids are never reused)."""
+
+    code = "duplicate_turn"
+
+
+class TooManyTurnsError(ProtocolError):
+    """Starting the turn would exceed the cap of open (queued plus active) turns."""
+
+    code = "too_many_turns"
+
+
+class TurnClosedError(ProtocolError):
+    """Text or a flush arrived for a turn that was already ended or cancelled."""
+
+    code = "turn_closed"
+
+
+class UnknownVoiceError(ProtocolError, ValueError):
+    """The voice id is neither a built-in voice nor one cloned on this session."""
+
+    code = "unknown_voice"
 
 
 def _all_subclasses(cls: type[VoxlaneError]) -> list[type[VoxlaneError]]:

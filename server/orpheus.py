@@ -21,6 +21,7 @@ In this module a *frame* is a tuple of 7 codes (0..4095), never token ids:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 
 from voxlane.errors import InvalidTokenError
@@ -87,26 +88,42 @@ TextEncoder = Callable[[str], list[int]]
 """Text -> token ids, *including* the leading BOS (as the Orpheus tokenizer does)."""
 
 
-def _check_code(code: int, where: str) -> None:
-    if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code < CODEBOOK_SIZE:
+def _as_int(value: object) -> int | None:
+    """``value`` as a Python int (numpy and torch integers included); None if not an integer."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_code(code: int, where: str) -> int:
+    value = _as_int(code)
+    if value is None:
+        raise InvalidTokenError(f"{where}: code {code!r} is not an integer")
+    if not 0 <= value < CODEBOOK_SIZE:
         raise InvalidTokenError(f"{where}: code {code!r} is outside 0..{CODEBOOK_SIZE - 1}")
+    return value
 
 
-def _check_position(position: int) -> None:
-    if not isinstance(position, int) or not 0 <= position < FRAME_SIZE:
+def _check_position(position: int) -> int:
+    value = _as_int(position)
+    if value is None or not 0 <= value < FRAME_SIZE:
         raise InvalidTokenError(f"frame position {position!r} is outside 0..{FRAME_SIZE - 1}")
+    return value
 
 
 def audio_token(code: int, position: int) -> int:
     """Token id of SNAC ``code`` at frame ``position``."""
-    _check_position(position)
-    _check_code(code, f"position {position}")
+    position = _check_position(position)
+    code = _check_code(code, f"position {position}")
     return AUDIO_TOKEN_BASE + code + CODEBOOK_SIZE * position
 
 
 def audio_token_range(position: int) -> range:
     """The 4,096 token ids legal at frame ``position`` (contiguous rows of the LM head)."""
-    _check_position(position)
+    position = _check_position(position)
     start = AUDIO_TOKEN_BASE + CODEBOOK_SIZE * position
     return range(start, start + CODEBOOK_SIZE)
 
@@ -117,10 +134,11 @@ def split_audio_token(token: int, position: int) -> int:
     Raises :class:`~voxlane.errors.InvalidTokenError` if ``token`` is not an
     audio token, or belongs to another frame position.
     """
-    _check_position(position)
-    if not isinstance(token, int) or isinstance(token, bool):
+    position = _check_position(position)
+    value = _as_int(token)
+    if value is None:
         raise InvalidTokenError(f"token {token!r} is not an integer id")
-    offset = token - AUDIO_TOKEN_BASE
+    offset = value - AUDIO_TOKEN_BASE
     if not 0 <= offset < FRAME_SIZE * CODEBOOK_SIZE:
         raise InvalidTokenError(f"token {token} is not an audio token")
     actual, code = divmod(offset, CODEBOOK_SIZE)
@@ -133,11 +151,15 @@ def split_audio_token(token: int, position: int) -> int:
 
 def validate_frame(frame: Sequence[int]) -> Frame:
     """Return ``frame`` as a :data:`Frame` tuple after checking its 7 codes."""
-    if len(frame) != FRAME_SIZE:
-        raise InvalidTokenError(f"a frame has {FRAME_SIZE} codes, got {len(frame)}")
-    for position, code in enumerate(frame):
-        _check_code(code, f"position {position}")
-    return tuple(frame)  # type: ignore[return-value]
+    try:
+        length = len(frame)
+    except TypeError:
+        raise InvalidTokenError(
+            f"a frame is a sequence of {FRAME_SIZE} codes, got {frame!r}"
+        ) from None
+    if length != FRAME_SIZE:
+        raise InvalidTokenError(f"a frame has {FRAME_SIZE} codes, got {length}")
+    return tuple(_check_code(code, f"position {p}") for p, code in enumerate(frame))  # type: ignore[return-value]
 
 
 def frame_to_tokens(frame: Sequence[int]) -> list[int]:

@@ -19,3 +19,19 @@ def demo_snac_dir(demo_root: Path) -> Path:
     from voxlane.server.demo import ensure_demo_snac
 
     return ensure_demo_snac(demo_root)
+
+
+@pytest.fixture(scope="session")
+def demo_lm_tiny_dir(demo_root: Path) -> Path:
+    """Directory of the random-weight ``tiny`` Orpheus-architecture LM (with tokenizer)."""
+    from voxlane.server.demo import ensure_demo_lm
+
+    return ensure_demo_lm("tiny", demo_root)
+
+
+@pytest.fixture(scope="session")
+def orpheus_tokenizer():
+    """The real Orpheus text tokenizer (Llama-3 BPE + 28,684 added tokens), built offline."""
+    from voxlane.server.tokenizer import build_orpheus_tokenizer
+
+    return build_orpheus_tokenizer()

@@ -1,0 +1,75 @@
+"""The offline Orpheus tokenizer: Llama-3 text ids, BOS, and the added Orpheus tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voxlane.server import orpheus as o
+from voxlane.server.tokenizer import (
+    LLAMA3_SPECIAL_TOKENS,
+    custom_token,
+    load_orpheus_tokenizer,
+)
+
+TARA_HELLO = [83, 5169, 25, 22691, 1070, 11, 1268, 527, 499, 3432, 30]
+
+
+def test_text_ids_are_llama3(orpheus_tokenizer):
+    ids = orpheus_tokenizer("tara: Hello there, how are you today?", add_special_tokens=False)
+    assert ids["input_ids"] == TARA_HELLO
+
+
+def test_bos_is_added_by_the_post_processor(orpheus_tokenizer):
+    ids = orpheus_tokenizer("tara: Hello there, how are you today?")["input_ids"]
+    assert ids == [128000, *TARA_HELLO]
+    assert orpheus_tokenizer("")["input_ids"] == [128000]
+
+
+def test_vocabulary_covers_the_orpheus_lm_head(orpheus_tokenizer):
+    assert len(orpheus_tokenizer) == o.VOCAB_SIZE
+    assert orpheus_tokenizer.bos_token_id == o.START_OF_TEXT
+    assert orpheus_tokenizer.eos_token_id == o.END_OF_TEXT
+    assert orpheus_tokenizer.pad_token_id == 128004
+    assert len(LLAMA3_SPECIAL_TOKENS) == 256
+    assert orpheus_tokenizer.convert_tokens_to_ids(LLAMA3_SPECIAL_TOKENS[-1]) == 128255
+
+
+@pytest.mark.parametrize(
+    ("n", "token_id"),
+    [
+        (0, 128256),
+        (1, o.START_OF_SPEECH),
+        (3, o.START_OF_HUMAN),
+        (6, o.END_OF_AI),
+        (10, o.AUDIO_TOKEN_BASE),
+        (28683, o.VOCAB_SIZE - 1),
+    ],
+)
+def test_custom_tokens_sit_at_128256_plus_n(orpheus_tokenizer, n, token_id):
+    assert orpheus_tokenizer.convert_tokens_to_ids(custom_token(n)) == token_id
+    assert orpheus_tokenizer.convert_ids_to_tokens(token_id) == custom_token(n)
+
+
+def test_custom_token_text_encodes_to_its_id(orpheus_tokenizer):
+    # As in the released tokenizer, the added tokens are matched inside text.
+    ids = orpheus_tokenizer(f"{custom_token(10)}{custom_token(4106)}", add_special_tokens=False)
+    assert ids["input_ids"] == [o.audio_token(0, 0), o.audio_token(0, 1)]
+
+
+def test_round_trip_text(orpheus_tokenizer):
+    text = "Grüße! 1234 ünïcödé <laugh> — ok?\n"
+    ids = orpheus_tokenizer(text)["input_ids"]
+    assert orpheus_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_saved_tokenizer_loads_with_the_same_ids(orpheus_tokenizer, demo_lm_tiny_dir: Path):
+    # The demo LM directory holds build_orpheus_tokenizer() saved with save_pretrained.
+    loaded = load_orpheus_tokenizer(demo_lm_tiny_dir)
+    text = "tara: Hello there, how are you today? <giggle>"
+    assert loaded(text)["input_ids"] == orpheus_tokenizer(text)["input_ids"]
+    assert len(loaded) == o.VOCAB_SIZE
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (128000, 128009)
+    assert loaded.model_max_length == 131072
+    assert loaded.convert_ids_to_tokens(o.VOCAB_SIZE - 1) == custom_token(28683)
