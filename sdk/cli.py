@@ -31,6 +31,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from voxlane.server.serve import run_serve
+
+    return run_serve(args)
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(prog="voxlane", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,9 +59,16 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     )
     p.add_argument("--voice", default="tara")
     p.add_argument("--out", default="voxlane-demo.wav", help="WAV file to write")
-    p.add_argument("--max-frames", type=int, default=96, help="audio frames per segment (85 ms)")
+    p.add_argument("--max-frames", type=int, default=48, help="audio frames per segment (85 ms)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm-tps", type=float, default=30.0, help="simulated LLM tokens per second")
     handlers["demo"] = _cmd_demo
+
+    p = sub.add_parser("serve", help="run the WebSocket server")
+    from voxlane.server.serve import add_serve_arguments
+
+    add_serve_arguments(p)
+    handlers["serve"] = _cmd_serve
     return parser, handlers
 
 

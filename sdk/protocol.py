@@ -26,6 +26,7 @@ from enum import IntEnum
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
 from voxlane.errors import (
     BadMessageError,
     MessageTooLargeError,
@@ -608,9 +609,7 @@ class AudioFrame:
     @property
     def num_samples(self) -> int:
         """Samples in the payload."""
-        return len(self.pcm) // (
-            2 if self.header.sample_format is SampleFormatCode.PCM_S16LE else 4
-        )
+        return len(self.pcm) // bytes_per_sample(self.header.sample_format.sample_format)
 
     def pack(self) -> bytes:
         """The whole binary message."""
@@ -621,7 +620,6 @@ class AudioFrame:
         """Parse a binary message; raises :class:`BadMessageError` if malformed."""
         header, start = AudioHeader.unpack(data)
         pcm = bytes(data[start:])
-        width = 2 if header.sample_format is SampleFormatCode.PCM_S16LE else 4
-        if len(pcm) % width:
+        if len(pcm) % bytes_per_sample(header.sample_format.sample_format):
             raise BadMessageError(f"audio payload of {len(pcm)} bytes is not whole samples")
         return cls(header, pcm)

@@ -236,6 +236,10 @@ class ServerSession:
     Client mistakes are answered with ``error`` messages and the session lives on;
     an oversize message, too many errors, or :meth:`fail` close it: the returned
     :class:`CloseConnection` says with which code.
+
+    Not thread-safe: call it from the event loop only (pipeline threads hand their
+    results to the loop first). Send :meth:`data_to_send` in order and nothing else:
+    that order is what guarantees no audio of a turn follows its ``turn.cancelled``.
     """
 
     def __init__(
@@ -551,12 +555,16 @@ class ServerSession:
         turn.samples += len(pcm) // width
         return True
 
-    def send_mark(self, turn_id: str, *, start: int, end: int, text: str) -> bool:
-        """Announce that the next audio of the turn speaks segment ``text``.
+    def send_mark(
+        self, turn_id: str, *, start: int, end: int, text: str, sample: int | None = None
+    ) -> bool:
+        """Announce that segment ``text`` of the turn starts at output sample ``sample``.
 
-        ``start``/``end`` are the segment's offsets in the turn's text. The mark gets the
-        turn's current sample offset and the next segment number. Returns False, sending
-        nothing, if the turn is not speaking (cancelled, say).
+        ``start``/``end`` are the segment's offsets in the turn's text. ``sample`` defaults
+        to the turn's current sample offset (the next audio frame); a pipeline that buffers
+        audio into fixed-size chunks passes the exact offset, which may fall inside a chunk
+        already queued or still to come. Returns False, sending nothing, if the turn is not
+        speaking (cancelled, say).
         """
         turn = self._turns.get(turn_id)
         if self.closed or turn is None or not turn.speaking:
@@ -565,7 +573,7 @@ class ServerSession:
             TurnMark(
                 turn_id=turn_id,
                 segment=turn.segments,
-                sample=turn.samples,
+                sample=turn.samples if sample is None else sample,
                 start=start,
                 end=end,
                 text=text,

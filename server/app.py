@@ -1,0 +1,531 @@
+"""The voxlane WebSocket server (protocol v1, see docs/protocol.md).
+
+Layers, outermost first:
+
+* :class:`VoxlaneServer` owns the listening socket (``websockets`` asyncio API), the HTTP
+  endpoints (``/healthz``, ``/metrics``), authentication on the handshake, the session limit
+  and graceful shutdown.
+* :class:`_Connection` is one WebSocket: it feeds received messages to the sans-I/O
+  :class:`~voxlane.session_protocol.ServerSession`, runs the commands it returns, and is the
+  only writer of the socket (the session's outbound queue is sent strictly in order, which is
+  what guarantees no audio of a cancelled turn follows its ``turn.cancelled``).
+* :class:`~voxlane.server.pipeline.TurnPipeline` speaks one turn, and
+  :class:`SpeechService` holds what all sessions share: the engine (its own thread), the SNAC
+  codec and the codec thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import http
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from voxlane.errors import AudioFormatError, EngineError, VoxlaneError
+from voxlane.protocol import (
+    BUILTIN_VOICES,
+    CloseCode,
+    Limits,
+    SessionConfig,
+)
+from voxlane.server.metrics import ServerMetrics
+from voxlane.server.pipeline import AudioChunk, SegmentMark, TurnPipeline
+from voxlane.server.text.segmenter import Segmenter
+from voxlane.session_protocol import (
+    AppendText,
+    CancelTurn,
+    CloneVoice,
+    CloseConnection,
+    Command,
+    ConfigureSession,
+    EndTurn,
+    FlushTurn,
+    ServerSession,
+    StartTurn,
+)
+
+__all__ = ["DecoderSettings", "ServerConfig", "SpeechService", "VoxlaneServer"]
+
+log = logging.getLogger("voxlane.server")
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """Streaming SNAC decoder settings (see :class:`voxlane.server.codec.StreamingDecoder`)."""
+
+    left: int = 2
+    lookahead: int = 2
+    frames_per_call: int = 8
+
+
+@dataclass
+class ServerConfig:
+    """Options of :class:`VoxlaneServer` (``voxlane serve`` sets them from flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    api_keys: tuple[str, ...] = ()
+    """Accepted API keys. Empty *and* ``auth=False`` is the only way to serve without auth."""
+    auth: bool = True
+    max_sessions: int = 32
+    limits: Limits = field(default_factory=Limits)
+    default_config: SessionConfig = field(default_factory=SessionConfig)
+    send_timeout_s: float = 20.0
+    """A client that stops reading for this long is closed (code 4008)."""
+    decoder: DecoderSettings = field(default_factory=DecoderSettings)
+
+    def __post_init__(self) -> None:
+        if self.auth and not self.api_keys:
+            raise ValueError(
+                "auth is on but no API key is configured: pass api keys, or disable auth "
+                "explicitly (--no-auth)"
+            )
+
+
+CLOSE_SLOW_CONSUMER = 4008
+
+
+class SpeechService:
+    """What every session shares: the speech LM engine, the SNAC codec and the codec thread.
+
+    Build it with :meth:`load` (real or demo checkpoints) or from parts in tests.
+    """
+
+    def __init__(self, engine: Any, codec: Any, *, decode_workers: int = 1) -> None:
+        self.engine = engine
+        self.codec = codec
+        # One codec thread: decodes of all streams queue here instead of fighting for cores.
+        self.codec_executor = ThreadPoolExecutor(decode_workers, thread_name_prefix="voxlane-codec")
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        codec: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        engine_config: Any = None,
+    ) -> SpeechService:
+        """Load the speech LM and SNAC from hub ids or local directories and start the engine."""
+        from voxlane.server.codec import load_snac
+        from voxlane.server.engine.engine import SpeechEngine
+        from voxlane.server.lm import load_speech_lm
+
+        lm = load_speech_lm(model, dtype=dtype, device=device)
+        snac = load_snac(codec, device=device)
+        engine = SpeechEngine(lm, engine_config)
+        engine.start()
+        return cls(engine, snac)
+
+    def new_decoder(self, settings: DecoderSettings) -> Any:
+        """A fresh streaming decoder for one segment."""
+        from voxlane.server.codec import StreamingDecoder
+
+        return StreamingDecoder(
+            self.codec,
+            left=settings.left,
+            lookahead=settings.lookahead,
+            frames_per_call=settings.frames_per_call,
+        )
+
+    async def clone(self, command: CloneVoice, max_seconds: float) -> tuple[str, Any, float]:
+        """Encode reference audio (codec thread) and prefill its voice prefix (engine thread).
+
+        Returns ``(voice_id, voice, duration_s)``. Voices belong to the session that cloned
+        them; the engine caches prefixes by content, so the same reference cloned again (after
+        a reconnect, say) reuses the prefilled prefix instead of computing it again.
+        """
+        loop = asyncio.get_running_loop()
+        frames, duration = await loop.run_in_executor(
+            self.codec_executor, self._encode_reference, command, max_seconds
+        )
+        if not frames:
+            raise AudioFormatError("reference audio is too short to hold one frame (85 ms)")
+        voice = await self.engine.clone_voice(command.transcript, frames)
+        digest = hashlib.sha256(repr((command.transcript, frames)).encode()).hexdigest()[:12]
+        return command.name or f"clone-{digest}", voice, duration
+
+    def _encode_reference(self, command: CloneVoice, max_seconds: float) -> tuple[list, float]:
+        from voxlane.server.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+        if command.audio_format == "pcm_s16le":
+            pcm = np.frombuffer(command.audio, dtype="<i2").astype(np.float32) / 32768.0
+            rate = int(command.sample_rate or SAMPLE_RATE)
+            if pcm.size / rate > max_seconds:
+                raise AudioFormatError(f"reference audio is longer than {max_seconds:g} s")
+            frames = self.codec.encode_array(pcm, rate)
+        else:
+            frames = self.codec.encode_file(command.audio, max_seconds=max_seconds)
+        return frames, len(frames) * SAMPLES_PER_FRAME / SAMPLE_RATE
+
+    async def aclose(self) -> None:
+        """Stop the engine thread and the codec thread."""
+        await self.engine.aclose()
+        self.codec_executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _to_wire(pcm: np.ndarray, sample_format: str) -> bytes:
+    if sample_format == "pcm_f32le":
+        return np.ascontiguousarray(pcm, dtype="<f4").tobytes()
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+class _ActiveTurn:
+    def __init__(self, turn_id: str, pipeline: TurnPipeline) -> None:
+        self.turn_id = turn_id
+        self.pipeline = pipeline
+        self.task: asyncio.Task[None] | None = None
+        self.cancelled = False
+
+
+class _Connection:
+    """One WebSocket session: reader, the single writer, and the active turn."""
+
+    def __init__(self, server: VoxlaneServer, ws: Any) -> None:
+        self.server = server
+        self.service = server.service
+        self.ws = ws
+        cfg = server.config
+        self.session = ServerSession(
+            limits=cfg.limits, config=cfg.default_config, voices=BUILTIN_VOICES, server="voxlane"
+        )
+        self.voices: dict[str, Any] = {}  # this session's cloned voices: id -> engine voice
+        self.turn: _ActiveTurn | None = None
+        self.engine_session: Any = None
+        self.engine_voice: tuple[str, int] | None = None  # (voice, window) of engine_session
+        self._write_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.dead = False  # the socket is closed or being dropped: nothing more is sent
+
+    # -- writer ---------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Send everything the session queued, in order; drop clients that stop reading.
+
+        ``ws.send`` waits while the socket's write buffer is full, so a client that stops
+        reading stalls this coroutine, hence its turn's pipeline, hence its generation. After
+        ``send_timeout_s`` of that the connection is dropped with close code 4008.
+        """
+        from websockets.exceptions import ConnectionClosed
+
+        async with self._write_lock:
+            items = self.session.data_to_send()
+            for item in items:
+                if self.dead:
+                    return
+                try:
+                    await asyncio.wait_for(self.ws.send(item), self.server.config.send_timeout_s)
+                except ConnectionClosed:
+                    self.dead = True
+                except TimeoutError:
+                    log.warning("dropping a session whose client stopped reading")
+                    self.server.metrics.errors.labels("slow_consumer").inc()
+                    self.dead = True
+                    self._spawn(self._drop(CLOSE_SLOW_CONSUMER, "client stopped reading"))
+
+    async def _drop(self, code: int, reason: str) -> None:
+        # The close handshake cannot get through a full buffer: send what we can, then cut.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code, reason), 1.0)
+        self.ws.transport.abort()
+
+    # -- reader ---------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        await self.flush()  # session.ready
+        try:
+            async for message in self.ws:
+                if isinstance(message, str):
+                    commands = self.session.receive_text(message)
+                else:
+                    commands = self.session.receive_bytes(message)
+                for command in commands:
+                    await self.run(command)
+                await self.flush()
+                if self.session.closed:
+                    break
+        finally:
+            for command in self.session.connection_lost():
+                await self.run(command)
+            await self._drain_tasks()
+            if self.engine_session is not None:
+                self.engine_session.close()
+                self.engine_session = None
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _drain_tasks(self) -> None:
+        if self.turn is not None and self.turn.task is not None:
+            await self._cancel_turn()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def run(self, command: Command) -> None:
+        """Carry out one command of the session core."""
+        if isinstance(command, StartTurn):
+            self._start_turn(command)
+        elif isinstance(command, AppendText):
+            if self.turn is not None and self.turn.turn_id == command.turn_id:
+                self.turn.pipeline.push_text(command.text)
+        elif isinstance(command, FlushTurn):
+            if self.turn is not None and self.turn.turn_id == command.turn_id:
+                self.turn.pipeline.flush_text()
+        elif isinstance(command, EndTurn):
+            if self.turn is not None and self.turn.turn_id == command.turn_id:
+                self.turn.pipeline.end_text()
+        elif isinstance(command, CancelTurn):
+            if self.turn is not None and self.turn.turn_id == command.turn_id:
+                await self._cancel_turn()
+        elif isinstance(command, CloneVoice):
+            self._spawn(self._clone(command))
+        elif isinstance(command, ConfigureSession):
+            pass  # the session core keeps the configuration; turns snapshot it at start
+        elif isinstance(command, CloseConnection):
+            await self.flush()
+            self.dead = True
+            await self.ws.close(command.code, command.reason)
+
+    async def _clone(self, command: CloneVoice) -> None:
+        try:
+            voice_id, voice, duration = await self.service.clone(
+                command, self.server.config.limits.max_clone_seconds
+            )
+        except VoxlaneError as exc:
+            self.server.metrics.errors.labels(exc.code).inc()
+            self.session.send_error(exc, request_id=command.request_id)
+        except Exception as exc:
+            log.exception("voice clone failed")
+            self.session.send_error(EngineError(f"voice clone failed: {exc}"))
+        else:
+            self.voices[voice_id] = voice
+            self.session.voice_cloned(command.request_id, voice_id, duration)
+        await self.flush()
+
+    def _engine_session_for(self, config: SessionConfig) -> Any:
+        key = (config.voice, config.context_window)
+        if self.engine_session is None or self.engine_voice != key:
+            if self.engine_session is not None:
+                self.engine_session.close()
+            voice = self.voices.get(config.voice) or self.service.engine.builtin_voice(config.voice)
+            self.engine_session = self.service.engine.open_session(
+                voice, window_segments=config.context_window
+            )
+            self.engine_voice = key
+        return self.engine_session
+
+    def _start_turn(self, command: StartTurn) -> None:
+        from voxlane.server.engine.config import SamplingParams as EngineSampling
+
+        config = command.config
+        engine_session = self._engine_session_for(config)
+        s = config.sampling
+        params = EngineSampling(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+            max_frames=s.max_frames,
+            seed=s.seed,
+        )
+        settings = self.server.config.decoder
+        pipeline = TurnPipeline(
+            speak=lambda text: engine_session.generate(text, params),
+            new_decoder=lambda: self.service.new_decoder(settings),
+            decode_executor=self.service.codec_executor,
+            segmenter=Segmenter(),
+            chunk_ms=config.chunk_ms,
+            sample_rate=config.sample_rate,
+        )
+        turn = _ActiveTurn(command.turn_id, pipeline)
+        turn.task = self._spawn(self._pump(turn, config.sample_format))
+        self.turn = turn
+
+    async def _pump(self, turn: _ActiveTurn, sample_format: str) -> None:
+        """Send a turn's marks and audio, then report it done."""
+        error: VoxlaneError | None = None
+        try:
+            async for item in turn.pipeline.events():
+                if isinstance(item, AudioChunk):
+                    self.session.send_audio(turn.turn_id, _to_wire(item.pcm, sample_format))
+                elif isinstance(item, SegmentMark):
+                    self.session.send_mark(
+                        turn.turn_id,
+                        start=item.text_start,
+                        end=item.text_end,
+                        text=item.text,
+                        sample=item.sample_offset,
+                    )
+                await self.flush()
+        except asyncio.CancelledError:
+            if not turn.cancelled:
+                raise
+        except VoxlaneError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("turn %s failed", turn.turn_id)
+            error = EngineError(f"turn failed: {exc}")
+        self._finish_turn(turn, error)
+        await self.flush()
+
+    def _finish_turn(self, turn: _ActiveTurn, error: VoxlaneError | None) -> None:
+        if self.turn is not turn:
+            return
+        self.turn = None
+        m = turn.pipeline.metrics
+        self.server.metrics.observe_turn(m, error)
+        if self.session.closed:
+            with contextlib.suppress(VoxlaneError):
+                self.session.turn_done(turn.turn_id)
+            return
+        commands = self.session.turn_done(
+            turn.turn_id,
+            time_to_first_audio_s=m.ttfa_s,
+            generation_s=m.generation_s,
+            underruns=m.underruns,
+            error=error,
+        )
+        for command in commands:  # the next queued turn starts
+            self._spawn(self.run(command))
+
+    async def _cancel_turn(self) -> None:
+        turn = self.turn
+        if turn is None:
+            return
+        turn.cancelled = True
+        await turn.pipeline.cancel()
+        if turn.task is not None and turn.task is not asyncio.current_task():
+            await asyncio.gather(turn.task, return_exceptions=True)
+
+
+class VoxlaneServer:
+    """Serve protocol v1 over WebSocket on ``config.host:config.port``.
+
+    ``async with VoxlaneServer(service, config) as server:`` binds (``server.port`` is the
+    real port when 0 was asked for) and closes gracefully on exit.
+    """
+
+    def __init__(self, service: SpeechService, config: ServerConfig | None = None) -> None:
+        self.service = service
+        self.config = config or ServerConfig()
+        self.metrics = ServerMetrics()
+        self._connections: set[_Connection] = set()
+        self._server: Any = None
+        self._shutting_down = False
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        from websockets.asyncio.server import serve
+
+        limits = self.config.limits
+        max_size = max(limits.max_message_bytes, limits.max_clone_bytes) + 1024
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            max_size=max_size,
+            compression=None,  # audio does not compress; deflate costs CPU on the hot path
+            server_header="voxlane",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("voxlane listening on ws://%s:%s", self.config.host, self.port)
+
+    async def __aenter__(self) -> VoxlaneServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        """Run until cancelled."""
+        if self._server is None:
+            await self.start()
+        await self._server.serve_forever()
+
+    async def close(self, *, close_service: bool = False) -> None:
+        """Stop accepting, end every session with 1001 (going away), then wait for them."""
+        self._shutting_down = True
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        for conn in list(self._connections):
+            for command in conn.session.close(CloseCode.GOING_AWAY, "server shutting down"):
+                await conn.run(command)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if close_service:
+            await self.service.aclose()
+
+    # -- HTTP side ----------------------------------------------------------------------------
+
+    def _authorized(self, request: Any) -> bool:
+        if not self.config.auth:
+            return True
+        supplied: list[str] = []
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            supplied.append(header[7:].strip())
+        if api_key := request.headers.get("X-API-Key"):
+            supplied.append(api_key.strip())
+        supplied += parse_qs(urlsplit(request.path).query).get("token", [])
+        return any(
+            hmac.compare_digest(s.encode(), k.encode())
+            for s in supplied
+            for k in self.config.api_keys
+        )
+
+    def _process_request(self, connection: Any, request: Any) -> Any:
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            if self._shutting_down:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/metrics":
+            response = connection.respond(http.HTTPStatus.OK, self.metrics.render())
+            response.headers["Content-Type"] = self.metrics.content_type
+            return response
+        if not self._authorized(request):
+            self.metrics.errors.labels("unauthorized").inc()
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
+        if self._shutting_down:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if len(self._connections) >= self.config.max_sessions:
+            self.metrics.errors.labels("too_many_sessions").inc()
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "too many sessions, retry later\n"
+            )
+        return None
+
+    async def _handle(self, ws: Any) -> None:
+        conn = _Connection(self, ws)
+        self._connections.add(conn)
+        self.metrics.sessions.inc()
+        started = time.monotonic()
+        try:
+            await conn.serve()
+        except Exception:
+            log.exception("session crashed")
+            with contextlib.suppress(Exception):
+                await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._connections.discard(conn)
+            self.metrics.sessions.dec()
+            self.metrics.session_seconds.observe(time.monotonic() - started)

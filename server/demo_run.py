@@ -1,0 +1,113 @@
+"""``voxlane demo``: the main job end to end, offline, on the demo checkpoints.
+
+Starts a real voxlane server on a loopback port, streams text into one turn over the
+WebSocket the way an LLM would (word by word, at ``--llm-tps`` tokens per second), writes the
+audio that comes back to a WAV file and prints the latency numbers people ask for first.
+The demo weights are random, so the WAV holds noise shaped like speech timing, not speech.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["run_demo"]
+
+
+async def _stream_turn(url: str, key: str, args: argparse.Namespace) -> dict:
+    import websockets
+
+    from voxlane.protocol import TurnDone, TurnMark
+    from voxlane.session_protocol import ClientSession
+
+    client = ClientSession()
+    pcm: list[np.ndarray] = []
+    marks: list[TurnMark] = []
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        client.receive_text(await ws.recv())
+        sampling = {"max_frames": args.max_frames, "seed": args.seed}
+        await ws.send(
+            json.dumps({"type": "session.configure", "voice": args.voice, "sampling": sampling})
+        )
+        await ws.send(json.dumps({"type": "turn.start", "turn_id": "demo"}))
+
+        async def feed() -> None:
+            # An LLM emits roughly one word per 1.3 tokens; pace deltas like one would.
+            delay = 1.3 / args.llm_tps
+            for i, word in enumerate(args.text.split(" ")):
+                delta = word if i == 0 else " " + word
+                await ws.send(json.dumps({"type": "turn.append", "turn_id": "demo", "text": delta}))
+                await asyncio.sleep(delay)
+            await ws.send(json.dumps({"type": "turn.end", "turn_id": "demo"}))
+
+        started = time.perf_counter()
+        feeder = asyncio.create_task(feed())
+        first_audio = None
+        done: TurnDone | None = None
+        while done is None:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                chunk = client.receive_bytes(message)
+                if first_audio is None:
+                    first_audio = time.perf_counter() - started
+                pcm.append(np.frombuffer(chunk.pcm, dtype="<i2"))
+                continue
+            event = client.receive_text(message)
+            if isinstance(event, TurnMark):
+                marks.append(event)
+            elif isinstance(event, TurnDone):
+                done = event
+            elif event.type == "error":
+                raise RuntimeError(f"server error: {message}")
+        await feeder
+    audio = np.concatenate(pcm) if pcm else np.zeros(0, np.int16)
+    return {"audio": audio, "first_audio": first_audio, "done": done, "marks": marks}
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Build the demo weights if needed, serve them, stream one turn, write a WAV."""
+    import soundfile as sf
+
+    from voxlane.server.app import ServerConfig, SpeechService, VoxlaneServer
+    from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
+
+    t0 = time.perf_counter()
+    lm_dir = ensure_demo_lm(args.size, args.root)
+    snac_dir = ensure_demo_snac(args.root)
+    print(f"demo weights   {lm_dir.parent}  ({time.perf_counter() - t0:.1f} s)")
+    t0 = time.perf_counter()
+    service = SpeechService.load(str(lm_dir), str(snac_dir))
+    print(f"models loaded  speech LM {args.size} + SNAC 24 kHz  ({time.perf_counter() - t0:.1f} s)")
+    key = secrets.token_urlsafe(16)
+
+    async def main() -> dict:
+        server = VoxlaneServer(service, ServerConfig(port=0, api_keys=(key,)))
+        async with server:
+            url = f"ws://127.0.0.1:{server.port}"
+            print(f"server         {url}")
+            result = await _stream_turn(url, key, args)
+        await service.aclose()
+        return result
+
+    result = asyncio.run(main())
+    audio, done = result["audio"], result["done"]
+    out = Path(args.out)
+    sf.write(out, audio, 24000, subtype="PCM_16")
+    m = done.metrics
+    print(f"segments       {len(result['marks'])}: " + " | ".join(k.text for k in result["marks"]))
+    print(
+        f"first audio    {result['first_audio'] * 1000:.0f} ms after the first text delta "
+        f"(server-side {m.time_to_first_audio_s * 1000:.0f} ms)"
+    )
+    print(
+        f"audio          {m.audio_s:.2f} s in {m.generation_s:.2f} s of generation "
+        f"(real-time factor {m.rtf:.2f}, underruns {m.underruns})"
+    )
+    print(f"wrote          {out} ({len(audio)} samples, 24 kHz, 16-bit)")
+    return 0

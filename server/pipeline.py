@@ -1,0 +1,338 @@
+"""The turn pipeline: text deltas in, timed audio chunks out.
+
+One :class:`TurnPipeline` serves one turn::
+
+    push_text(delta) ──> segmenter ──> segment queue ──> speech LM (engine thread)
+                                                          │ frames
+                   audio chunks <── chunker <── resampler <── streaming SNAC decoder (codec thread)
+
+Text handling is synchronous and cheap, so it runs on the event loop. Model work never does: the
+engine steps in its own thread, and SNAC decoding runs on a dedicated single-thread executor (one
+per server, so decodes of many streams queue instead of fighting over the cores).
+
+Segments are generated back to back, as fast as the engine allows, so the next segment is being
+generated while the client still plays the current one. Each segment's audio is decoded as its own
+utterance (the decoder is flushed at the segment's end): Orpheus closes every segment with
+end-of-speech, so there is no acoustic continuity to preserve across the boundary, and flushing
+means a segment's tail is never held back waiting for text that has not arrived yet.
+
+Timing follows a simple playback model: the client starts playing the first chunk the moment it
+is sent and plays continuously. A chunk sent after the moment it should start playing is an
+*underrun*; playback then stalls until it arrives, so lateness is counted once per stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from voxlane.server.orpheus import SAMPLE_RATE, Frame
+from voxlane.server.text.segmenter import Segment, Segmenter
+
+__all__ = [
+    "AudioChunk",
+    "FrameStream",
+    "PcmDecoder",
+    "SegmentMark",
+    "TurnMetrics",
+    "TurnPipeline",
+]
+
+
+class FrameStream(Protocol):
+    """What the engine returns for one segment: frames as they are generated."""
+
+    def __aiter__(self) -> AsyncIterator[Frame]: ...
+
+    def cancel(self) -> None: ...
+
+
+class PcmDecoder(Protocol):
+    """A streaming decoder: frames in, final 24 kHz float32 PCM out (see ``codec.py``)."""
+
+    def push(self, frames: list[Frame]) -> np.ndarray: ...
+
+    def flush(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """``pcm`` (float32, mono, at the turn's output rate) starting at ``sample_offset``."""
+
+    sequence: int
+    sample_offset: int
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class SegmentMark:
+    """Segment ``index`` (``text``, spanning ``text_start:text_end`` of the turn's cleaned
+    text stream) starts at output sample ``sample_offset``."""
+
+    index: int
+    text: str
+    text_start: int
+    text_end: int
+    sample_offset: int
+
+
+@dataclass
+class TurnMetrics:
+    """Per-turn numbers, reported in ``turn.done``."""
+
+    ttfa_s: float | None = None  # first text delta -> first audio chunk handed out
+    audio_s: float = 0.0
+    generation_s: float = 0.0  # wall time spent speaking segments (LM + decode), not waiting
+    rtf: float | None = None  # generation seconds per second of audio (< 1: faster than real time)
+    elapsed_s: float = 0.0  # first text delta -> last chunk handed out
+    underruns: int = 0
+    segments: int = 0
+    frames: int = 0
+    cancelled: bool = False
+
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        """Plain values for JSON."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class _PlaybackClock:
+    """Counts underruns against a client that plays in real time from the first chunk on."""
+
+    rate: int
+    start: float | None = None
+    underruns: int = 0
+
+    def on_chunk(self, now: float, sample_offset: int) -> None:
+        if self.start is None:
+            self.start = now
+            return
+        due = self.start + sample_offset / self.rate
+        if now > due:
+            self.underruns += 1
+            self.start += now - due  # playback stalled until this chunk arrived
+
+
+_SENTINEL = object()
+
+
+@dataclass
+class TurnPipeline:
+    """One turn: text deltas in (:meth:`push_text`), :class:`AudioChunk` and
+    :class:`SegmentMark` out (iterate :meth:`events`).
+
+    ``speak(text)`` starts generating one segment and returns its :class:`FrameStream`;
+    ``new_decoder()`` returns a fresh streaming decoder per segment. ``decode_executor`` runs
+    decoder calls off the event loop.
+    """
+
+    speak: Callable[[str], FrameStream]
+    new_decoder: Callable[[], PcmDecoder]
+    decode_executor: Executor
+    segmenter: Segmenter
+    chunk_ms: int = 40
+    sample_rate: int = SAMPLE_RATE
+    clock: Callable[[], float] = time.monotonic
+    max_buffered_chunks: int = 64
+    metrics: TurnMetrics = field(default_factory=TurnMetrics)
+
+    def __post_init__(self) -> None:
+        from voxlane.server.codec import PcmChunker
+
+        self._chunker = PcmChunker(self.sample_rate, self.chunk_ms)
+        self._resampler = None
+        if self.sample_rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(SAMPLE_RATE, self.sample_rate, 1, dtype="float32")
+        self._segments: asyncio.Queue[Segment | object] = asyncio.Queue()
+        self._out: asyncio.Queue[AudioChunk | SegmentMark | BaseException | object] = asyncio.Queue(
+            self.max_buffered_chunks
+        )
+        self._first_text_at: float | None = None
+        self._text_done = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._stream: FrameStream | None = None
+        self._samples_out = 0  # at the output rate, handed out as chunks
+        self._samples_decoded = 0  # at 24 kHz, out of the decoder
+        self._sequence = 0
+        self._playback = _PlaybackClock(self.sample_rate)
+        self._task: asyncio.Task[None] | None = None
+
+    # -- text side (event loop, cheap) ---------------------------------------------------------
+
+    def push_text(self, delta: str) -> None:
+        """Add an LLM text delta; segments are released as soon as they are speakable."""
+        if self._text_done:
+            raise RuntimeError("push_text after end_text")
+        now = self.clock()
+        if self._first_text_at is None:
+            self._first_text_at = now
+        self._enqueue(self.segmenter.push(delta, now))
+        self._arm_timer()
+        self._ensure_started()
+
+    def flush_text(self) -> None:
+        """Release the buffered text as a segment now (the client's ``flush``)."""
+        self._enqueue(self.segmenter.flush(self.clock()))
+        self._arm_timer()
+
+    def end_text(self) -> None:
+        """No more text: the remaining text becomes the last segment."""
+        if self._text_done:
+            return
+        self._text_done = True
+        if self._first_text_at is None:
+            self._first_text_at = self.clock()
+        self._enqueue(self.segmenter.flush(self.clock()))
+        self._cancel_timer()
+        self._segments.put_nowait(_SENTINEL)
+        self._ensure_started()
+
+    def _enqueue(self, segments: list[Segment]) -> None:
+        for seg in segments:
+            self._segments.put_nowait(seg)
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        deadline = self.segmenter.next_deadline()
+        if deadline is None or self._text_done:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, deadline - self.clock())
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._enqueue(self.segmenter.poll(self.clock()))
+        self._arm_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- audio side -----------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._produce(), name="voxlane-turn")
+
+    async def _decode(self, fn: Callable[..., np.ndarray], *args: object) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decode_executor, fn, *args)
+
+    async def _produce(self) -> None:
+        try:
+            index = 0
+            while True:
+                item = await self._segments.get()
+                if item is _SENTINEL:
+                    break
+                assert isinstance(item, Segment)
+                await self._speak_segment(index, item)
+                index += 1
+            await self._emit_pcm(self._final_tail(), final=True)
+            self._finish()
+            await self._out.put(_SENTINEL)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced to the consumer of events()
+            await self._out.put(exc)
+
+    async def _speak_segment(self, index: int, segment: Segment) -> None:
+        self.metrics.segments += 1
+        # Where this segment's first sample lands in the output stream: everything decoded so
+        # far, at the output rate (part of it may still sit in the chunker).
+        offset = round(self._samples_decoded * self.sample_rate / SAMPLE_RATE)
+        await self._out.put(SegmentMark(index, segment.text, segment.start, segment.end, offset))
+        decoder = self.new_decoder()
+        started = self.clock()
+        self._stream = self.speak(segment.text)
+        try:
+            async for frame in self._stream:
+                self.metrics.frames += 1
+                pcm = await self._decode(decoder.push, [frame])
+                self._samples_decoded += pcm.size
+                await self._emit_pcm(pcm)
+        finally:
+            self._stream = None
+        tail = await self._decode(decoder.flush)
+        self._samples_decoded += tail.size
+        self.metrics.generation_s += self.clock() - started
+        await self._emit_pcm(tail)
+
+    def _final_tail(self) -> np.ndarray:
+        tail = [np.zeros(0, np.float32)]
+        if self._resampler is not None:
+            tail.append(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        return np.concatenate(tail)
+
+    async def _emit_pcm(self, pcm: np.ndarray, *, final: bool = False) -> None:
+        if self._resampler is not None and not final and pcm.size:
+            pcm = self._resampler.resample_chunk(pcm)
+        chunks = self._chunker.push(pcm) if pcm.size else []
+        if final:
+            tail = self._chunker.flush()
+            if tail is not None and len(tail):
+                chunks.append(tail)
+        for chunk in chunks:
+            offset = self._samples_out
+            self._samples_out += len(chunk)
+            out = AudioChunk(self._sequence, offset, chunk)
+            self._sequence += 1
+            await self._out.put(out)
+
+    def _finish(self) -> None:
+        m = self.metrics
+        m.audio_s = self._samples_out / self.sample_rate
+        if m.audio_s > 0 and m.rtf is None:
+            m.rtf = m.generation_s / m.audio_s
+
+    # -- consumer side --------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[AudioChunk | SegmentMark]:
+        """Marks and audio chunks in order, until the turn is complete.
+
+        Timing metrics are taken when an item is handed out here (that is when a server sends
+        it), so a slow consumer shows up as latency and underruns.
+        """
+        while True:
+            item = await self._out.get()
+            if item is _SENTINEL:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, AudioChunk):
+                now = self.clock()
+                start = self._first_text_at if self._first_text_at is not None else now
+                if self.metrics.ttfa_s is None:
+                    self.metrics.ttfa_s = now - start
+                self._playback.on_chunk(now, item.sample_offset)
+                self.metrics.underruns = self._playback.underruns
+                self.metrics.elapsed_s = now - start
+            yield item  # type: ignore[misc]
+
+    async def cancel(self) -> None:
+        """Stop the turn now: the engine request is aborted, nothing more is emitted."""
+        self.metrics.cancelled = True
+        self._text_done = True
+        self._cancel_timer()
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(asyncio.QueueFull):
+            # Unblock a consumer waiting in events().
+            while not self._out.empty():
+                self._out.get_nowait()
+            self._out.put_nowait(_SENTINEL)

@@ -1,0 +1,114 @@
+"""``voxlane serve``: run the WebSocket server until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from voxlane.protocol import Limits
+
+if TYPE_CHECKING:
+    from voxlane.server.app import VoxlaneServer
+
+__all__ = ["add_serve_arguments", "run_serve"]
+
+DEFAULT_MODEL = "canopylabs/orpheus-3b-0.1-ft"
+DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``voxlane serve``."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="speech LM: HF id or local dir")
+    p.add_argument("--codec", default=DEFAULT_CODEC, help="SNAC 24 kHz: HF id or local dir")
+    p.add_argument(
+        "--demo",
+        choices=["tiny", "small"],
+        nargs="?",
+        const="small",
+        help="serve the random-weight demo checkpoints instead (built on first use)",
+    )
+    p.add_argument("--demo-root", help="where demo checkpoints live")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted API key (repeatable; also $VOXLANE_API_KEYS, comma-separated)",
+    )
+    p.add_argument("--no-auth", action="store_true", help="accept clients without an API key")
+    p.add_argument("--max-sessions", type=int, default=32)
+    p.add_argument("--max-turns", type=int, default=8, help="open turns per session")
+    p.add_argument("--max-turn-chars", type=int, default=20_000)
+    p.add_argument("--max-message-bytes", type=int, default=256 * 1024)
+    p.add_argument("--max-clone-seconds", type=float, default=30.0)
+    p.add_argument("--send-timeout", type=float, default=20.0, help="drop non-reading clients")
+    p.add_argument("--max-context", type=int, default=8192, help="KV cache slots per session")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key)
+    keys += [k.strip() for k in os.environ.get("VOXLANE_API_KEYS", "").split(",") if k.strip()]
+    return tuple(keys)
+
+
+def build_server(args: argparse.Namespace) -> VoxlaneServer:
+    """Load the models named by ``args`` and return an unstarted server."""
+    from voxlane.server.app import ServerConfig, SpeechService, VoxlaneServer
+    from voxlane.server.engine.config import EngineConfig
+
+    model, codec = args.model, args.codec
+    if args.demo:
+        from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
+
+        model = str(ensure_demo_lm(args.demo, args.demo_root))
+        codec = str(ensure_demo_snac(args.demo_root))
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=_api_keys(args),
+        auth=not args.no_auth,
+        max_sessions=args.max_sessions,
+        limits=Limits(
+            max_message_bytes=args.max_message_bytes,
+            max_turn_chars=args.max_turn_chars,
+            max_turns=args.max_turns,
+            max_clone_seconds=args.max_clone_seconds,
+        ),
+        send_timeout_s=args.send_timeout,
+    )
+    service = SpeechService.load(
+        model,
+        codec,
+        device=args.device,
+        dtype=dtype,
+        engine_config=EngineConfig(max_context=args.max_context),
+    )
+    return VoxlaneServer(service, config)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    server = build_server(args)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        print(f"voxlane serving ws://{server.config.host}:{server.port}", flush=True)
+        await stop.wait()
+        await server.close(close_service=True)
+
+    asyncio.run(main())
+    return 0
