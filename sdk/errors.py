@@ -2,7 +2,8 @@
 
 Every exception carries a stable string ``code``. The same codes travel in the
 ``error`` messages of the WebSocket protocol, so a client can map a server error
-back onto the class the server raised.
+back onto the class the server raised. ``ConnectionClosedError`` and its subclass are raised
+by the client SDK itself and never travel on the wire.
 
 Exception tree::
 
@@ -13,6 +14,8 @@ Exception tree::
      ├── ModelFormatError             bad_model          a checkpoint is not the model needed
      ├── EngineError                  engine_error       the speech LM failed on a request
      │    └── ContextOverflowError    context_overflow   a segment cannot fit the context window
+     ├── ConnectionClosedError        connection_closed  the connection closed or never opened
+     │    └── AuthenticationError     unauthorized       the server refused the API key
      └── ProtocolError                protocol_error     a message breaks protocol v1
           ├── BadMessageError         bad_message        not JSON, or fields of the wrong type
           ├── UnknownMessageError     unknown_type       a message type the server does not know
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 __all__ = [
     "AudioFormatError",
+    "AuthenticationError",
     "BadMessageError",
+    "ConnectionClosedError",
     "ContextOverflowError",
     "DuplicateTurnError",
     "EngineError",
@@ -99,6 +104,31 @@ class ContextOverflowError(EngineError):
     """A segment (prompt plus its maximum audio) cannot fit the context window."""
 
     code = "context_overflow"
+
+
+class ConnectionClosedError(VoxlaneError, ConnectionError):
+    """The client's connection is closed, was refused, or could not be opened.
+
+    Raised by the client SDK, never sent on the wire. ``close_code`` is the WebSocket close
+    code (``None`` if the connection never opened or dropped without a close frame) and
+    ``reason`` the close reason. If a fatal server ``error`` preceded the close, it is the
+    ``__cause__``.
+    """
+
+    code = "connection_closed"
+
+    def __init__(
+        self, message: str = "", *, close_code: int | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.reason = reason
+
+
+class AuthenticationError(ConnectionClosedError, PermissionError):
+    """The server refused the API key (HTTP 401 at the handshake, or close code 4401)."""
+
+    code = "unauthorized"
 
 
 class ProtocolError(VoxlaneError):

@@ -1,8 +1,9 @@
 """``voxlane demo``: the main job end to end, offline, on the demo checkpoints.
 
-Starts a real voxlane server on a loopback port, streams text into one turn over the
-WebSocket the way an LLM would (word by word, at ``--llm-tps`` tokens per second), writes the
-audio that comes back to a WAV file and prints the latency numbers people ask for first.
+Starts a real voxlane server on a loopback port, streams text into one turn with the client
+SDK (``voxlane.connect``) the way an LLM would (word by word, at ``--llm-tps`` tokens per
+second), writes the audio that comes back to a WAV file and prints the latency numbers people
+ask for first.
 The demo weights are random, so the WAV holds noise shaped like speech timing, not speech.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -21,53 +22,32 @@ __all__ = ["run_demo"]
 
 
 async def _stream_turn(url: str, key: str, args: argparse.Namespace) -> dict:
-    import websockets
+    import voxlane
 
-    from voxlane.protocol import TurnDone, TurnMark
-    from voxlane.session_protocol import ClientSession
+    async def deltas() -> AsyncIterator[str]:
+        # An LLM emits roughly one word per 1.3 tokens; pace deltas like one would.
+        delay = 1.3 / args.llm_tps
+        for i, word in enumerate(args.text.split(" ")):
+            yield word if i == 0 else " " + word
+            await asyncio.sleep(delay)
 
-    client = ClientSession()
     pcm: list[np.ndarray] = []
-    marks: list[TurnMark] = []
-    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
-        client.receive_text(await ws.recv())
-        sampling = {"max_frames": args.max_frames, "seed": args.seed}
-        await ws.send(
-            json.dumps({"type": "session.configure", "voice": args.voice, "sampling": sampling})
-        )
-        await ws.send(json.dumps({"type": "turn.start", "turn_id": "demo"}))
-
-        async def feed() -> None:
-            # An LLM emits roughly one word per 1.3 tokens; pace deltas like one would.
-            delay = 1.3 / args.llm_tps
-            for i, word in enumerate(args.text.split(" ")):
-                delta = word if i == 0 else " " + word
-                await ws.send(json.dumps({"type": "turn.append", "turn_id": "demo", "text": delta}))
-                await asyncio.sleep(delay)
-            await ws.send(json.dumps({"type": "turn.end", "turn_id": "demo"}))
-
-        started = time.perf_counter()
-        feeder = asyncio.create_task(feed())
-        first_audio = None
-        done: TurnDone | None = None
-        while done is None:
-            message = await ws.recv()
-            if isinstance(message, bytes):
-                chunk = client.receive_bytes(message)
-                if first_audio is None:
-                    first_audio = time.perf_counter() - started
-                pcm.append(np.frombuffer(chunk.pcm, dtype="<i2"))
-                continue
-            event = client.receive_text(message)
-            if isinstance(event, TurnMark):
+    marks: list[voxlane.Mark] = []
+    async with voxlane.connect(url, api_key=key) as session:
+        await session.configure(voice=args.voice, max_frames=args.max_frames, seed=args.seed)
+        turn = session.speak(deltas(), turn_id="demo")
+        async for event in turn:
+            if isinstance(event, voxlane.AudioChunk):
+                pcm.append(event.samples)
+            else:
                 marks.append(event)
-            elif isinstance(event, TurnDone):
-                done = event
-            elif event.type == "error":
-                raise RuntimeError(f"server error: {message}")
-        await feeder
     audio = np.concatenate(pcm) if pcm else np.zeros(0, np.int16)
-    return {"audio": audio, "first_audio": first_audio, "done": done, "marks": marks}
+    return {
+        "audio": audio,
+        "first_audio": turn.time_to_first_audio_s,
+        "done": turn.done,
+        "marks": marks,
+    }
 
 
 def run_demo(args: argparse.Namespace) -> int:
