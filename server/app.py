@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import http
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from voxlane.protocol import (
     Limits,
     SessionConfig,
 )
+from voxlane.server.agent import AgentResponse, LLMClient, LLMConfig
 from voxlane.server.metrics import ServerMetrics
 from voxlane.server.pipeline import AudioChunk, SegmentMark, TurnPipeline
 from voxlane.server.text.segmenter import Segmenter
@@ -50,6 +52,7 @@ from voxlane.session_protocol import (
     EndTurn,
     FlushTurn,
     ServerSession,
+    StartAgentResponse,
     StartTurn,
 )
 
@@ -81,7 +84,13 @@ class ServerConfig:
     default_config: SessionConfig = field(default_factory=SessionConfig)
     send_timeout_s: float = 20.0
     """A client that stops reading for this long is closed (code 4008)."""
+    send_buffer_bytes: int | None = None
+    """Kernel send buffer (``SO_SNDBUF``) of each connection; None keeps the OS default (up to
+    megabytes on loopback). A small one bounds the audio in flight, so a client that stops
+    reading is noticed sooner."""
     decoder: DecoderSettings = field(default_factory=DecoderSettings)
+    llm: LLMConfig | None = None
+    """Upstream LLM of agent mode (``agent.respond``); None turns agent mode off."""
 
     def __post_init__(self) -> None:
         if self.auth and not self.api_keys:
@@ -100,11 +109,26 @@ class SpeechService:
     Build it with :meth:`load` (real or demo checkpoints) or from parts in tests.
     """
 
-    def __init__(self, engine: Any, codec: Any, *, decode_workers: int = 1) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        codec: Any,
+        *,
+        decode_workers: int = 1,
+        codec_threads: int | None = None,
+    ) -> None:
+        """``codec_threads``: torch intra-op threads of the codec thread (None: torch's
+        default). On a small CPU box shared with the engine thread, 1 avoids OpenMP workers of
+        the two threads spinning against each other."""
         self.engine = engine
         self.codec = codec
         # One codec thread: decodes of all streams queue here instead of fighting for cores.
-        self.codec_executor = ThreadPoolExecutor(decode_workers, thread_name_prefix="voxlane-codec")
+        self.codec_executor = ThreadPoolExecutor(
+            decode_workers,
+            thread_name_prefix="voxlane-codec",
+            initializer=_set_torch_threads if codec_threads else None,
+            initargs=(codec_threads,) if codec_threads else (),
+        )
 
     @classmethod
     def load(
@@ -115,8 +139,12 @@ class SpeechService:
         device: str = "cpu",
         dtype: str = "float32",
         engine_config: Any = None,
+        codec_threads: int | None = None,
     ) -> SpeechService:
-        """Load the speech LM and SNAC from hub ids or local directories and start the engine."""
+        """Load the speech LM and SNAC from hub ids or local directories and start the engine.
+
+        ``engine_config.num_threads`` and ``codec_threads`` set the torch threads of the
+        engine thread and of the codec thread."""
         from voxlane.server.codec import load_snac
         from voxlane.server.engine.engine import SpeechEngine
         from voxlane.server.lm import load_speech_lm
@@ -125,7 +153,7 @@ class SpeechService:
         snac = load_snac(codec, device=device)
         engine = SpeechEngine(lm, engine_config)
         engine.start()
-        return cls(engine, snac)
+        return cls(engine, snac, codec_threads=codec_threads)
 
     def new_decoder(self, settings: DecoderSettings) -> Any:
         """A fresh streaming decoder for one segment."""
@@ -174,6 +202,12 @@ class SpeechService:
         self.codec_executor.shutdown(wait=True, cancel_futures=True)
 
 
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _to_wire(pcm: np.ndarray, sample_format: str) -> bytes:
     if sample_format == "pcm_f32le":
         return np.ascontiguousarray(pcm, dtype="<f4").tobytes()
@@ -181,11 +215,13 @@ def _to_wire(pcm: np.ndarray, sample_format: str) -> bytes:
 
 
 class _ActiveTurn:
-    def __init__(self, turn_id: str, pipeline: TurnPipeline) -> None:
+    def __init__(self, turn_id: str, pipeline: TurnPipeline, engine_session: Any) -> None:
         self.turn_id = turn_id
         self.pipeline = pipeline
+        self.engine_session = engine_session
         self.task: asyncio.Task[None] | None = None
         self.cancelled = False
+        self.agent: AgentResponse | None = None  # agent mode: the LLM stream feeding this turn
 
 
 class _Connection:
@@ -197,12 +233,14 @@ class _Connection:
         self.ws = ws
         cfg = server.config
         self.session = ServerSession(
-            limits=cfg.limits, config=cfg.default_config, voices=BUILTIN_VOICES, server="voxlane"
+            limits=cfg.limits,
+            config=cfg.default_config,
+            voices=BUILTIN_VOICES,
+            server="voxlane",
+            agent=cfg.llm.agent_options() if cfg.llm is not None else None,
         )
         self.voices: dict[str, Any] = {}  # this session's cloned voices: id -> engine voice
         self.turn: _ActiveTurn | None = None
-        self.engine_session: Any = None
-        self.engine_voice: tuple[str, int] | None = None  # (voice, window) of engine_session
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.dead = False  # the socket is closed or being dropped: nothing more is sent
@@ -227,7 +265,7 @@ class _Connection:
                     await asyncio.wait_for(self.ws.send(item), self.server.config.send_timeout_s)
                 except ConnectionClosed:
                     self.dead = True
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):  # distinct types on 3.10
                     log.warning("dropping a session whose client stopped reading")
                     self.server.metrics.errors.labels("slow_consumer").inc()
                     self.dead = True
@@ -242,6 +280,8 @@ class _Connection:
     # -- reader ---------------------------------------------------------------------------------
 
     async def serve(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         await self.flush()  # session.ready
         try:
             async for message in self.ws:
@@ -254,13 +294,12 @@ class _Connection:
                 await self.flush()
                 if self.session.closed:
                     break
+        except ConnectionClosed:
+            pass  # the client went away (or closed with an error code): not a server crash
         finally:
             for command in self.session.connection_lost():
                 await self.run(command)
             await self._drain_tasks()
-            if self.engine_session is not None:
-                self.engine_session.close()
-                self.engine_session = None
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -280,6 +319,18 @@ class _Connection:
 
     async def run(self, command: Command) -> None:
         """Carry out one command of the session core."""
+        if isinstance(command, CancelTurn):
+            if self.turn is not None and self.turn.turn_id == command.turn_id:
+                await self._cancel_turn()
+        elif isinstance(command, CloseConnection):
+            await self.flush()
+            self.dead = True
+            await self.ws.close(command.code, command.reason)
+        else:
+            self._run_now(command)
+
+    def _run_now(self, command: Command) -> None:
+        """Carry out a command that needs no waiting (everything but cancel and close)."""
         if isinstance(command, StartTurn):
             self._start_turn(command)
         elif isinstance(command, AppendText):
@@ -291,17 +342,12 @@ class _Connection:
         elif isinstance(command, EndTurn):
             if self.turn is not None and self.turn.turn_id == command.turn_id:
                 self.turn.pipeline.end_text()
-        elif isinstance(command, CancelTurn):
-            if self.turn is not None and self.turn.turn_id == command.turn_id:
-                await self._cancel_turn()
         elif isinstance(command, CloneVoice):
             self._spawn(self._clone(command))
+        elif isinstance(command, StartAgentResponse):
+            self._start_agent(command)
         elif isinstance(command, ConfigureSession):
             pass  # the session core keeps the configuration; turns snapshot it at start
-        elif isinstance(command, CloseConnection):
-            await self.flush()
-            self.dead = True
-            await self.ws.close(command.code, command.reason)
 
     async def _clone(self, command: CloneVoice) -> None:
         try:
@@ -319,23 +365,20 @@ class _Connection:
             self.session.voice_cloned(command.request_id, voice_id, duration)
         await self.flush()
 
-    def _engine_session_for(self, config: SessionConfig) -> Any:
-        key = (config.voice, config.context_window)
-        if self.engine_session is None or self.engine_voice != key:
-            if self.engine_session is not None:
-                self.engine_session.close()
-            voice = self.voices.get(config.voice) or self.service.engine.builtin_voice(config.voice)
-            self.engine_session = self.service.engine.open_session(
-                voice, window_segments=config.context_window
-            )
-            self.engine_voice = key
-        return self.engine_session
-
     def _start_turn(self, command: StartTurn) -> None:
         from voxlane.server.engine.config import SamplingParams as EngineSampling
 
         config = command.config
-        engine_session = self._engine_session_for(config)
+        try:
+            voice = self.voices.get(config.voice) or self.service.engine.builtin_voice(config.voice)
+            # One engine session per turn: ``context_window`` keeps earlier segments *of the
+            # same turn* as context (protocol v1), so a turn never hears the previous one.
+            engine_session = self.service.engine.open_session(
+                voice, window_segments=config.context_window
+            )
+        except VoxlaneError as exc:
+            self._fail_start(command.turn_id, exc)
+            return
         s = config.sampling
         params = EngineSampling(
             temperature=s.temperature,
@@ -353,9 +396,33 @@ class _Connection:
             chunk_ms=config.chunk_ms,
             sample_rate=config.sample_rate,
         )
-        turn = _ActiveTurn(command.turn_id, pipeline)
-        turn.task = self._spawn(self._pump(turn, config.sample_format))
+        turn = _ActiveTurn(command.turn_id, pipeline, engine_session)
         self.turn = turn
+        turn.task = self._spawn(self._pump(turn, config.sample_format))
+
+    def _start_agent(self, command: StartAgentResponse) -> None:
+        """Agent mode: the active turn's text comes from the LLM (see server/agent.py)."""
+        turn, llm = self.turn, self.server.llm
+        if turn is None or turn.turn_id != command.turn_id or llm is None:
+            return  # the turn could not start (already reported)
+        turn.agent = AgentResponse(
+            llm,
+            self.session,
+            turn.pipeline,
+            command,
+            flush=self.flush,
+            max_chars=self.server.config.limits.max_turn_chars,
+        )
+        turn.agent.task = self._spawn(turn.agent.run())
+
+    def _fail_start(self, turn_id: str, error: VoxlaneError) -> None:
+        """A turn that could not start is done at once (``error`` + ``turn.done``)."""
+        log.warning("turn %s could not start: %s", turn_id, error)
+        self.server.metrics.errors.labels(error.code).inc()
+        self.server.metrics.turns.labels("error").inc()
+        for command in self.session.turn_done(turn_id, error=error):
+            self._run_now(command)
+        self._spawn(self.flush())
 
     async def _pump(self, turn: _ActiveTurn, sample_format: str) -> None:
         """Send a turn's marks and audio, then report it done."""
@@ -388,6 +455,9 @@ class _Connection:
         if self.turn is not turn:
             return
         self.turn = None
+        if error is None and turn.agent is not None:
+            error = turn.agent.error  # the LLM failed: what it sent was still spoken
+        turn.engine_session.close()  # frees its cache; its stream already ended or was aborted
         m = turn.pipeline.metrics
         self.server.metrics.observe_turn(m, error)
         if self.session.closed:
@@ -401,14 +471,19 @@ class _Connection:
             underruns=m.underruns,
             error=error,
         )
-        for command in commands:  # the next queued turn starts
-            self._spawn(self.run(command))
+        # The next queued turn starts now, before the reader handles another message: run in
+        # spawned tasks, its StartTurn could come after a turn.append the session core already
+        # routed to it, and that text would be lost.
+        for command in commands:
+            self._run_now(command)
 
     async def _cancel_turn(self) -> None:
         turn = self.turn
         if turn is None:
             return
         turn.cancelled = True
+        if turn.agent is not None:
+            await turn.agent.cancel()  # closes the upstream HTTP request
         await turn.pipeline.cancel()
         if turn.task is not None and turn.task is not asyncio.current_task():
             await asyncio.gather(turn.task, return_exceptions=True)
@@ -425,6 +500,7 @@ class VoxlaneServer:
         self.service = service
         self.config = config or ServerConfig()
         self.metrics = ServerMetrics()
+        self.llm = LLMClient(self.config.llm) if self.config.llm is not None else None
         self._connections: set[_Connection] = set()
         self._server: Any = None
         self._shutting_down = False
@@ -466,11 +542,19 @@ class VoxlaneServer:
         self._shutting_down = True
         if self._server is not None:
             self._server.close(close_connections=False)
-        for conn in list(self._connections):
+
+        async def going_away(conn: _Connection) -> None:
             for command in conn.session.close(CloseCode.GOING_AWAY, "server shutting down"):
                 await conn.run(command)
+
+        # Concurrently: one client slow to answer the close handshake must not delay the rest.
+        await asyncio.gather(
+            *(going_away(c) for c in list(self._connections)), return_exceptions=True
+        )
         if self._server is not None:
             await self._server.wait_closed()
+        if self.llm is not None:
+            await self.llm.aclose()
         if close_service:
             await self.service.aclose()
 
@@ -515,6 +599,10 @@ class VoxlaneServer:
         return None
 
     async def _handle(self, ws: Any) -> None:
+        if self.config.send_buffer_bytes is not None:
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
         conn = _Connection(self, ws)
         self._connections.add(conn)
         self.metrics.sessions.inc()

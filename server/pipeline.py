@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -55,9 +56,12 @@ class FrameStream(Protocol):
 
 
 class PcmDecoder(Protocol):
-    """A streaming decoder: frames in, final 24 kHz float32 PCM out (see ``codec.py``)."""
+    """A streaming decoder: frames in, final 24 kHz float32 PCM out (see ``codec.py``).
 
-    def push(self, frames: list[Frame]) -> np.ndarray: ...
+    ``buffered_s`` is the audio handed out but not played yet: the decoder never waits for
+    more frames than that covers before it decodes (``StreamingDecoder.push``)."""
+
+    def push(self, frames: list[Frame], *, buffered_s: float | None = None) -> np.ndarray: ...
 
     def flush(self) -> np.ndarray: ...
 
@@ -160,7 +164,10 @@ class TurnPipeline:
         self._text_done = False
         self._timer: asyncio.TimerHandle | None = None
         self._stream: FrameStream | None = None
-        self._samples_out = 0  # at the output rate, handed out as chunks
+        self._samples_out = 0  # at the output rate, cut into chunks
+        self._samples_handed = 0  # at the output rate, handed out by events()
+        self._segment_started: float | None = None  # clock() when the current segment began
+        self._underruns_before_segment = 0
         self._samples_decoded = 0  # at 24 kHz, out of the decoder
         self._sequence = 0
         self._playback = _PlaybackClock(self.sample_rate)
@@ -240,7 +247,7 @@ class TurnPipeline:
                 await self._speak_segment(index, item)
                 index += 1
             await self._emit_pcm(self._final_tail(), final=True)
-            self._finish()
+            self._finish(self._samples_out)
             await self._out.put(_SENTINEL)
         except asyncio.CancelledError:
             raise
@@ -254,12 +261,14 @@ class TurnPipeline:
         offset = round(self._samples_decoded * self.sample_rate / SAMPLE_RATE)
         await self._out.put(SegmentMark(index, segment.text, segment.start, segment.end, offset))
         decoder = self.new_decoder()
-        started = self.clock()
+        started = self._segment_started = self.clock()
+        self._underruns_before_segment = self._playback.underruns
         self._stream = self.speak(segment.text)
         try:
             async for frame in self._stream:
                 self.metrics.frames += 1
-                pcm = await self._decode(decoder.push, [frame])
+                push = functools.partial(decoder.push, buffered_s=self._buffered_s())
+                pcm = await self._decode(push, [frame])
                 self._samples_decoded += pcm.size
                 await self._emit_pcm(pcm)
         finally:
@@ -267,7 +276,28 @@ class TurnPipeline:
         tail = await self._decode(decoder.flush)
         self._samples_decoded += tail.size
         self.metrics.generation_s += self.clock() - started
+        self._segment_started = None
         await self._emit_pcm(tail)
+
+    def _buffered_s(self) -> float | None:
+        """Seconds of audio handed out that the client has not played yet (playback model).
+
+        Passed to the decoder so it decodes in chunks no longer than the audio playback still
+        holds: with a speech LM faster than real time but not by much, waiting for a full
+        8-frame chunk (680 ms) would let playback run dry; with a fast LM the buffer grows and
+        chunks reach full size. Small chunks cost more decoding per frame (the context frames
+        are decoded again each call), so once playback ran dry during this segment (the box
+        cannot keep up) there is no cap (None) for the rest of it: the cheapest, largest
+        chunks then leave the most CPU to the speech LM instead of spiralling into ever more
+        decoding per frame.
+        """
+        start = self._playback.start
+        if start is None:
+            return 0.0
+        if self._playback.underruns > self._underruns_before_segment:
+            return None
+        played = self.clock() - start
+        return max(0.0, self._samples_out / self.sample_rate - played)
 
     def _final_tail(self) -> np.ndarray:
         tail = [np.zeros(0, np.float32)]
@@ -290,11 +320,10 @@ class TurnPipeline:
             self._sequence += 1
             await self._out.put(out)
 
-    def _finish(self) -> None:
+    def _finish(self, samples: int) -> None:
         m = self.metrics
-        m.audio_s = self._samples_out / self.sample_rate
-        if m.audio_s > 0 and m.rtf is None:
-            m.rtf = m.generation_s / m.audio_s
+        m.audio_s = samples / self.sample_rate
+        m.rtf = m.generation_s / m.audio_s if m.audio_s > 0 else None
 
     # -- consumer side --------------------------------------------------------------------------
 
@@ -315,13 +344,19 @@ class TurnPipeline:
                 start = self._first_text_at if self._first_text_at is not None else now
                 if self.metrics.ttfa_s is None:
                     self.metrics.ttfa_s = now - start
+                self._samples_handed += len(item.pcm)
                 self._playback.on_chunk(now, item.sample_offset)
                 self.metrics.underruns = self._playback.underruns
                 self.metrics.elapsed_s = now - start
             yield item  # type: ignore[misc]
 
     async def cancel(self) -> None:
-        """Stop the turn now: the engine request is aborted, nothing more is emitted."""
+        """Stop the turn now: the engine request is aborted, nothing more is emitted.
+
+        Metrics then cover the audio handed out and the generation time spent until now.
+        """
+        if self.metrics.cancelled:
+            return
         self.metrics.cancelled = True
         self._text_done = True
         self._cancel_timer()
@@ -331,6 +366,10 @@ class TurnPipeline:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._segment_started is not None:
+            self.metrics.generation_s += self.clock() - self._segment_started
+            self._segment_started = None
+        self._finish(self._samples_handed)
         with contextlib.suppress(asyncio.QueueFull):
             # Unblock a consumer waiting in events().
             while not self._out.empty():
