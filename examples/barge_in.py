@@ -28,6 +28,7 @@ async def run(args: argparse.Namespace) -> None:
         rate = session.config.sample_rate
         player = voxlane.Player(rate, lead_ms=args.lead_ms, device=args.device)
         marks: list[voxlane.Mark] = []
+        dropped = 0
         turn = session.speak(ANSWER)
 
         async def speak() -> None:
@@ -39,10 +40,11 @@ async def run(args: argparse.Namespace) -> None:
             await player.drain()
 
         async def user_starts_talking() -> None:
+            nonlocal dropped
             while player.played_samples < args.after * rate:
                 await asyncio.sleep(0.01)
-            player.flush()  # silence now ...
-            await turn.cancel()  # ... and stop the server
+            dropped = player.flush()  # silence now ...
+            await turn.cancel()  # ... and stop the server (a no-op if it finished generating)
 
         async with player:
             speaker = asyncio.create_task(speak())
@@ -52,7 +54,10 @@ async def run(args: argparse.Namespace) -> None:
             listener.cancel()
         heard = player.played_samples
         said = [m.text for m in marks if m.sample < heard]
-        print(f"interrupted after {heard / rate:.2f} s" if turn.cancelled else "not interrupted")
+        # Generation usually runs ahead of playback: the turn may be complete on the server while
+        # seconds of it are still queued in the player. Either way the user stopped hearing it.
+        interrupted = turn.cancelled or dropped > 0
+        print(f"interrupted after {heard / rate:.2f} s" if interrupted else "not interrupted")
         print(f"heard (at least the start of): {' '.join(said)!r}")
 
 

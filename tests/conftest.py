@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -45,3 +46,32 @@ def orpheus_tokenizer():
     from voxlane.server.tokenizer import build_orpheus_tokenizer
 
     return build_orpheus_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def speech_service(demo_lm_tiny_dir: Path, demo_snac_dir: Path) -> Any:
+    """One real engine + codec for the whole test run (tiny random LM, demo SNAC, noise off).
+
+    Loading takes seconds, so server, SDK and bridge tests share it. One intra-op thread per
+    model thread: the box has 2 cores, and OpenMP spinning between the engine and codec threads
+    costs more than it gives.
+    """
+    import asyncio
+
+    import torch
+
+    from voxlane.server.app import SpeechService
+    from voxlane.server.engine import EngineConfig
+
+    torch.set_num_threads(1)
+    service = SpeechService.load(
+        str(demo_lm_tiny_dir),
+        str(demo_snac_dir),
+        engine_config=EngineConfig(num_threads=1, max_context=4096),
+        codec_threads=1,
+    )
+    service.codec.noise = False
+    # Start the codec thread now, so thread-leak baselines include it.
+    service.codec_executor.submit(lambda: None).result()
+    yield service
+    asyncio.run(service.aclose())

@@ -1,15 +1,14 @@
 """Fixtures of the client SDK tests: a real voxlane server on loopback, on demo weights.
 
-One :class:`SpeechService` (tiny random LM, demo SNAC, noise off) per test session: loading
-takes seconds. Each test gets its own :class:`VoxlaneServer` on 127.0.0.1 port 0 through
-``start_server``; turns stay short through ``max_frames`` on the session.
+The shared ``speech_service`` (tests/conftest.py) is a real engine + codec. Each test gets
+its own :class:`VoxlaneServer` on 127.0.0.1 port 0 through ``start_server``; turns stay short
+through ``max_frames`` on the session.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,26 +21,6 @@ MAX_FRAMES = 3
 
 SHORT_TURNS = SessionConfig(sampling=SamplingParams(max_frames=MAX_FRAMES, seed=1))
 """The servers' default session configuration in these tests."""
-
-
-@pytest.fixture(scope="session")
-def speech_service(demo_lm_tiny_dir: Path, demo_snac_dir: Path) -> Any:
-    """The shared engine + codec, started once."""
-    import torch
-
-    from voxlane.server.app import SpeechService
-    from voxlane.server.engine import EngineConfig
-
-    torch.set_num_threads(1)  # a shared 2-core box: no OpenMP spinning between threads
-    service = SpeechService.load(
-        str(demo_lm_tiny_dir),
-        str(demo_snac_dir),
-        engine_config=EngineConfig(num_threads=1, max_context=4096),
-        codec_threads=1,
-    )
-    service.codec.noise = False
-    yield service
-    asyncio.run(service.aclose())
 
 
 @pytest.fixture

@@ -1,9 +1,8 @@
 """Fixtures of the server tests.
 
-One real :class:`SpeechService` (tiny demo LM + demo SNAC, noise off, one torch thread) per
-test session: loading takes seconds. Servers are real :class:`VoxlaneServer` instances on a
-loopback port 0, one or more per test; their teardown checks that nothing leaked (engine
-sessions and requests, asyncio tasks, threads).
+The shared ``speech_service`` (tests/conftest.py) is a real engine + codec. Servers are
+real :class:`VoxlaneServer` instances on a loopback port 0, one or more per test; their
+teardown checks that nothing leaked (engine sessions and requests, asyncio tasks, threads).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,29 +22,6 @@ from voxlane.protocol import SessionReady, TurnDone
 from voxlane.session_protocol import AudioChunk, ClientSession
 
 KEY = "test-key"
-
-
-@pytest.fixture(scope="session")
-def speech_service(demo_lm_tiny_dir: Path, demo_snac_dir: Path) -> Any:
-    """The shared engine + codec (tiny random LM, deterministic SNAC)."""
-    import torch
-
-    from voxlane.server.app import SpeechService
-    from voxlane.server.engine import EngineConfig
-
-    # The box is shared: one intra-op thread per model thread avoids OpenMP spinning.
-    torch.set_num_threads(1)
-    service = SpeechService.load(
-        str(demo_lm_tiny_dir),
-        str(demo_snac_dir),
-        engine_config=EngineConfig(num_threads=1, max_context=4096),
-        codec_threads=1,
-    )
-    service.codec.noise = False
-    # Start the codec thread now, so the thread baseline of the leak checks includes it.
-    service.codec_executor.submit(lambda: None).result()
-    yield service
-    asyncio.run(service.aclose())
 
 
 @pytest.fixture(scope="session")
