@@ -1,0 +1,242 @@
+"""Speech LM engine: throughput vs HF generate, cloned-voice TTFA, memory over 10 min of audio.
+
+All numbers come from one run; only ratios measured in the same run are meaningful (the box is
+shared). Both sides of every comparison use the same thread count (``--threads``, default 1:
+with other processes on 2 cores, 2 OpenMP threads spin against each other).
+
+- ``tokens_per_s_vs_generate`` (``small``): engine tokens/s over HF ``model.generate`` on the
+  same model and prompt, same number of new tokens (``min_new_tokens`` = ``max_new_tokens``),
+  sampling on with the same temperature/top_p/repetition_penalty, its default DynamicCache and
+  full 156,940-row head. Both timings include the prompt prefill; best of ``--repeats``.
+- ``clone_ttfa_ratio`` (``small``): median time to first frame of a turn in a session whose
+  voice is a cloned 15 s reference (176 frames, prefilled once beforehand) over the same with
+  a built-in voice (no prefix). Each session plays ``--turns`` turns (window K=2, so later
+  turns include the eviction); clone and built-in turns alternate so both see the same load.
+- ``memory_growth_10min`` (``tiny``): VmRSS after 10 minutes of generated audio (7,032 frames)
+  in one windowed session over VmRSS after the first minute.
+
+Raw numbers behind each ratio are in the output, plus the eviction measurement (re-prefill vs
+RoPE re-index of a window, and the re-index logit drift) and the prefix copy vs prefill cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from voxlane.server.demo import ensure_demo_lm
+from voxlane.server.engine import EngineConfig, SamplingParams, SpeechEngine
+from voxlane.server.engine.model import StepModel
+from voxlane.server.lm import load_speech_lm
+from voxlane.server.orpheus import FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, finetuned_prompt
+
+TEXT = "Hey there, my name is Tara, and I am a speech model that talks for as long as you like."
+TRANSCRIPT = "This is the reference recording that the cloned voice is built from, fifteen seconds."
+FRAMES_PER_S = SAMPLE_RATE / SAMPLES_PER_FRAME  # 11.72
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
+    parser.add_argument("--frames", type=int, default=40, help="frames per throughput run")
+    parser.add_argument("--repeats", type=int, default=2, help="throughput runs (best kept)")
+    parser.add_argument("--sessions", type=int, default=4, help="sessions per voice for TTFA")
+    parser.add_argument("--turns", type=int, default=4, help="turns per session for TTFA")
+    parser.add_argument("--minutes", type=float, default=10.0, help="audio for the memory run")
+    parser.add_argument("--segment-frames", type=int, default=120, help="frames per segment")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not found")
+
+
+def _reference(n: int) -> list[tuple[int, ...]]:
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 4096, (n, FRAME_SIZE), generator=gen)
+    return [tuple(int(c) for c in row) for row in codes]
+
+
+async def _throughput(engine: SpeechEngine, args: argparse.Namespace) -> dict[str, Any]:
+    lm = engine.lm
+    params = SamplingParams(max_frames=args.frames, seed=1)
+    n_new = args.frames * FRAME_SIZE
+    prompt = finetuned_prompt(lm.encode, "tara", TEXT)
+    voice = engine.builtin_voice("tara")
+    ids = torch.tensor([prompt])
+    engine_s, generate_s = [], []
+    for _ in range(args.repeats):  # interleaved, so both sides see the same box load
+        session = engine.open_session(voice)
+        t0 = time.perf_counter()
+        frames = [f async for f in session.generate(TEXT, params)]
+        engine_s.append(time.perf_counter() - t0)
+        session.close()
+        assert len(frames) == args.frames
+
+        def run_generate() -> None:
+            torch.set_num_threads(args.threads)
+            with torch.inference_mode():
+                out = lm.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    repetition_penalty=params.repetition_penalty,
+                    max_new_tokens=n_new,
+                    min_new_tokens=n_new,
+                    pad_token_id=0,
+                )
+            assert out.shape[1] == len(prompt) + n_new
+
+        t0 = time.perf_counter()
+        await asyncio.to_thread(run_generate)  # the same kind of worker thread as the engine
+        generate_s.append(time.perf_counter() - t0)
+    eng_tps = n_new / min(engine_s)
+    gen_tps = n_new / min(generate_s)
+    return {
+        "tokens_per_s_vs_generate": round(eng_tps / gen_tps, 3),
+        "engine_tokens_per_s": round(eng_tps, 1),
+        "generate_tokens_per_s": round(gen_tps, 1),
+        "throughput_new_tokens": n_new,
+        "throughput_prompt_tokens": len(prompt),
+    }
+
+
+async def _ttfa(engine: SpeechEngine, args: argparse.Namespace) -> dict[str, Any]:
+    reference = _reference(176)  # 15 s
+    t0 = time.perf_counter()
+    clone = await engine.clone_voice(TRANSCRIPT, reference)
+    clone_prefill_s = time.perf_counter() - t0
+    builtin = engine.builtin_voice("tara")
+    texts = ["Sure, let me check that.", "It is sunny today.", "Anything else?", "Bye now."]
+    result: dict[str, list[float]] = {"clone": [], "none": []}
+    for _ in range(args.sessions):
+        sessions = {
+            "none": engine.open_session(builtin, window_segments=2),
+            "clone": engine.open_session(clone, window_segments=2),
+        }
+        for turn in range(args.turns):
+            order = ("none", "clone") if turn % 2 == 0 else ("clone", "none")
+            for name in order:  # interleaved, alternating: both see the same box load
+                stream = sessions[name].generate(
+                    texts[turn % len(texts)], SamplingParams(max_frames=12, seed=turn)
+                )
+                t0 = time.perf_counter()
+                async for _ in stream:
+                    result[name].append(time.perf_counter() - t0)
+                    break
+                [f async for f in stream]  # let the turn finish so it joins the context
+        for session in sessions.values():
+            session.close()
+    clone_ms = statistics.median(result["clone"]) * 1e3
+    none_ms = statistics.median(result["none"]) * 1e3
+    return {
+        "clone_ttfa_ratio": round(clone_ms / none_ms, 3),
+        "ttfa_clone_ms": round(clone_ms, 1),
+        "ttfa_none_ms": round(none_ms, 1),
+        "clone_prefix_tokens": len(clone.prefix_tokens),
+        "clone_prefill_once_ms": round(clone_prefill_s * 1e3, 1),
+    }
+
+
+def _eviction_costs(lm: Any, threads: int) -> dict[str, Any]:
+    """Evicting one 120-frame segment from [15 s prefix][4 segments]: re-index vs re-prefill."""
+    torch.set_num_threads(threads)
+    sm = StepModel(lm.model)
+    gen = torch.Generator().manual_seed(3)
+    prefix, seg = 1230, 900
+    tokens = torch.randint(0, sm.vocab_size, (1, prefix + 4 * seg), generator=gen)
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        full = sm.new_cache(8192)
+        sm.forward(full, tokens)
+        prefix_cache = sm.new_cache(prefix)
+        sm.forward(prefix_cache, tokens[:, :prefix])
+        session = sm.new_cache(8192)
+        t0 = time.perf_counter()
+        session.load(prefix_cache.k, prefix_cache.v)
+        out["prefix_copy_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        t0 = time.perf_counter()
+        sm.evict(full, prefix, prefix + seg)
+        out["evict_reindex_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        fresh = sm.new_cache(8192)
+        fresh.load(prefix_cache.k, prefix_cache.v)
+        t0 = time.perf_counter()
+        sm.forward(fresh, tokens[:, prefix + seg :])
+        out["evict_reprefill_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+        nxt = torch.tensor([[128261]])
+        a = sm.forward(full, nxt)[0, -1] @ sm.head_weight.T
+        b = sm.forward(fresh, nxt)[0, -1] @ sm.head_weight.T
+        out["evict_reindex_logit_max_abs_diff"] = float(f"{(a - b).abs().max().item():.3g}")
+    return out
+
+
+async def _memory(args: argparse.Namespace) -> dict[str, Any]:
+    lm = await asyncio.to_thread(load_speech_lm, ensure_demo_lm("tiny"), dtype="float32")
+    engine = SpeechEngine(lm, EngineConfig(num_threads=args.threads, window_segments=4))
+    engine.start()
+    try:
+        total = round(args.minutes * 60 * FRAMES_PER_S)
+        one_minute = total // 10  # the first minute of a 10-minute run
+        session = engine.open_session(engine.builtin_voice("tara"))
+        frames = 0
+        rss_1min = None
+        segments = 0
+        t0 = time.perf_counter()
+        while frames < total:
+            n = min(args.segment_frames, total - frames)
+            stream = session.generate(f"{TEXT} ({segments})", SamplingParams(max_frames=n))
+            async for _ in stream:
+                frames += 1
+                if frames == one_minute:
+                    gc.collect()
+                    rss_1min = _rss_mib()
+            segments += 1
+        elapsed = time.perf_counter() - t0
+        gc.collect()
+        rss_end = _rss_mib()
+        session.close()
+    finally:
+        await engine.aclose()
+    assert rss_1min is not None
+    return {
+        "memory_growth_10min": round(rss_end / rss_1min, 3),
+        "rss_after_1min_mib": round(rss_1min, 1),
+        "rss_after_10min_mib": round(rss_end, 1),
+        "memory_frames": frames,
+        "memory_segments": segments,
+        "memory_run_s": round(elapsed, 1),
+        "memory_audio_s": round(frames / FRAMES_PER_S, 1),
+    }
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    result = await _memory(args)  # first: nothing freed by the other runs can mask growth
+    small = await asyncio.to_thread(load_speech_lm, ensure_demo_lm("small"), dtype="float32")
+    engine = SpeechEngine(small, EngineConfig(num_threads=args.threads))
+    engine.start()
+    try:
+        warm = engine.open_session(engine.builtin_voice("tara"))
+        [f async for f in warm.generate("warm up", SamplingParams(max_frames=2))]
+        warm.close()
+        result |= await _throughput(engine, args)
+        result |= await _ttfa(engine, args)
+    finally:
+        await engine.aclose()
+    result |= await asyncio.to_thread(_eviction_costs, small, args.threads)
+    result["threads"] = args.threads
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return asyncio.run(_main(args))

@@ -1,0 +1,91 @@
+"""Engine and sampling options (plain, validated dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from voxlane.errors import OutOfRangeError
+
+__all__ = ["EngineConfig", "EvictionPolicy", "SamplingParams"]
+
+EvictionPolicy = Literal["reprefill", "reindex"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one segment is sampled.
+
+    ``temperature`` 0 means greedy. ``top_p`` is nucleus sampling over the legal tokens of the
+    current frame position. ``repetition_penalty`` (HF/CTRL rule: a positive logit is divided
+    by it, a negative one multiplied) applies to the codes already emitted *at the same frame
+    position* within the last ``repetition_window`` frames of this segment (64 frames = 5.5 s).
+    Only same-position codes can be legal at a position, so this is exactly "tokens of the last
+    ``7 * repetition_window`` generated tokens"; the window bounds the cost and keeps a long
+    segment from penalising its whole past (vLLM, which Orpheus uses, penalises prompt and
+    output without a window). Orpheus needs ``repetition_penalty >= 1.1`` for stable speech.
+    ``max_frames`` caps the segment (600 frames = 51 s); ``seed`` makes it reproducible.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.8
+    repetition_penalty: float = 1.3
+    repetition_window: int = 64
+    max_frames: int = 600
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 10.0:
+            raise OutOfRangeError(f"temperature {self.temperature} is outside 0..10")
+        if not 0.0 < self.top_p <= 1.0:
+            raise OutOfRangeError(f"top_p {self.top_p} is outside (0, 1]")
+        if not 1.0 <= self.repetition_penalty <= 10.0:
+            raise OutOfRangeError(f"repetition_penalty {self.repetition_penalty} is outside 1..10")
+        if not 0 <= self.repetition_window <= 10_000:
+            raise OutOfRangeError(f"repetition_window {self.repetition_window} is outside 0..10000")
+        if not 1 <= self.max_frames <= 100_000:
+            raise OutOfRangeError(f"max_frames {self.max_frames} is outside 1..100000")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide options.
+
+    ``max_context``: slots of each session's preallocated KV cache (positions never exceed it).
+    ``window_segments``: default K, the finished segments a session keeps after its voice prefix.
+    ``eviction``: how a session drops old segments — ``"reprefill"`` (default; exact: the kept
+    segments are recomputed after the reused prefix) or ``"reindex"`` (shift the cache and rotate
+    the kept keys' RoPE; no forward, but the kept segments' deeper-layer keys/values still carry
+    what they attended to before). docs/architecture-engine.md has the measurements.
+    ``window_slack``: extra finished segments a session may hold beyond K before it evicts; it
+    then evicts down to K at once. With ``reprefill`` this turns a re-prefill at every segment
+    into one every ``window_slack + 1`` segments (the "occasional re-prefill"), so the exact
+    policy costs, amortized, about one segment's prefill per segment. The context a segment
+    sees is K to K + slack segments.
+    ``voice_cache_bytes``: LRU budget of prefilled voice prefixes.
+    ``prefill_chunk``: most tokens one engine step prefills (prompts, re-prefilled windows and
+    voice prefixes are prefilled in chunks between other requests' decode steps).
+    ``num_threads``: torch intra-op threads of the engine thread (None: leave torch's setting).
+    """
+
+    max_context: int = 8192
+    window_segments: int = 4
+    eviction: EvictionPolicy = "reprefill"
+    window_slack: int = 2
+    voice_cache_bytes: int = 1 << 30
+    prefill_chunk: int = 256
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_context < 16:
+            raise OutOfRangeError(f"max_context {self.max_context} is below 16")
+        if self.window_segments < 0:
+            raise OutOfRangeError(f"window_segments {self.window_segments} is negative")
+        if self.window_slack < 0:
+            raise OutOfRangeError(f"window_slack {self.window_slack} is negative")
+        if self.eviction not in ("reprefill", "reindex"):
+            raise OutOfRangeError(f"eviction {self.eviction!r} is not 'reprefill' or 'reindex'")
+        if self.prefill_chunk < 1:
+            raise OutOfRangeError(f"prefill_chunk {self.prefill_chunk} is below 1")
+        if self.voice_cache_bytes < 0:
+            raise OutOfRangeError("voice_cache_bytes is negative")

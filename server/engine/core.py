@@ -1,0 +1,477 @@
+"""The synchronous engine core: schedule -> execute -> update, one token per request per step.
+
+Modelled on vLLM v1's ``EngineCore``: nothing here knows about asyncio. Commands enter through
+a thread-safe inbox, aborts through their own queue (drained before every request's step, so a
+cancel takes effect before that request's next token), and outputs leave through each
+request's ``emit`` callback (the async front end hands it a ``call_soon_threadsafe``).
+:class:`voxlane.server.engine.engine.SpeechEngine` runs :meth:`EngineCore.run` in a thread;
+tests drive :meth:`EngineCore.step` directly.
+
+A session's cache holds, in slot order::
+
+    [voice prefix][segment 1: prompt, audio, EOS, EOA][segment 2 ...]...[current segment]
+
+Every slot's token is mirrored in ``SessionState.tokens``, so the cache can be rebuilt or
+checked against a fresh prefill at any time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from voxlane.errors import ContextOverflowError, EngineError, VoxlaneError
+from voxlane.server.orpheus import (
+    AUDIO_TOKEN_BASE,
+    CODEBOOK_SIZE,
+    END_OF_AI,
+    END_OF_SPEECH,
+    FRAME_SIZE,
+    Frame,
+    TextEncoder,
+)
+
+from .config import EngineConfig, SamplingParams
+from .model import KVCache, StepModel
+from .sampling import EOS_INDEX, FrameSampler
+from .voices import Voice, VoicePrefix, VoicePrefixStore
+
+__all__ = ["EngineCore", "FinishReason", "Finished", "Request", "SessionState"]
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["eos", "max_frames", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Last item a request emits (after its frames), unless it emits an exception."""
+
+    reason: FinishReason
+    frames: int
+
+
+@dataclass(eq=False)
+class SessionState:
+    """A session's cache and context bookkeeping; owned by the engine thread."""
+
+    id: int
+    voice: Voice
+    window_segments: int
+    cache: KVCache | None = None
+    tokens: list[int] = field(default_factory=list)  # token of every valid cache slot
+    prefix_len: int = 0
+    segments: list[tuple[int, int]] = field(default_factory=list)  # kept finished [start, end)
+    queue: deque[Request] = field(default_factory=deque)  # segments waiting, FIFO
+    active: Request | None = None
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class Request:
+    """One segment: a text spoken in a session's voice, frame by frame."""
+
+    id: int
+    session: SessionState
+    text: str
+    params: SamplingParams
+    emit: Callable[[Any], None]  # Frame | Finished | BaseException; must be thread-safe
+    # Engine-thread state.
+    prompt: list[int] = field(default_factory=list)
+    start: int = -1  # first cache slot of this segment (-1: not started)
+    hidden: Tensor | None = None  # [D] final-norm hidden state predicting the next token
+    prefill_hidden: Tensor | None = None  # kept for tests: predicts the first audio token
+    sampler: FrameSampler | None = None
+    codes: list[int] = field(default_factory=list)  # codes of the frame being built
+    frames: int = 0
+    steps: int = 0  # executed steps (prefill counts as one)
+    done: bool = False
+
+
+class EngineCore:
+    """Owns the model, the voice store and every session; single-threaded by design."""
+
+    def __init__(self, model: StepModel, encode: TextEncoder, config: EngineConfig) -> None:
+        self.model = model
+        self.encode = encode
+        self.config = config
+        self.voices = VoicePrefixStore(config.voice_cache_bytes)
+        self.sessions: dict[int, SessionState] = {}
+        self.requests: dict[int, Request] = {}  # every unfinished request, active or queued
+        self._inbox: queue.SimpleQueue[Callable[[EngineCore], None] | None] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._ids_lock = threading.Lock()
+        self._stopping = False
+        self._jobs: list[tuple[Iterator[None], Callable[[BaseException | None], None]]] = []
+        # Legal-row tables: the 4,096 rows of position p are a view of lm_head.weight.
+        self._rows = [
+            model.head_rows(
+                AUDIO_TOKEN_BASE + p * CODEBOOK_SIZE, AUDIO_TOKEN_BASE + (p + 1) * CODEBOOK_SIZE
+            )
+            for p in range(FRAME_SIZE)
+        ]
+        self._eos_row = model.head_rows(END_OF_SPEECH, END_OF_SPEECH + 1)  # [1, D]
+
+    # -- thread-safe entry points -------------------------------------------------------
+    def next_id(self) -> int:
+        with self._ids_lock:
+            return next(self._ids)
+
+    def submit(self, command: Callable[[EngineCore], None]) -> None:
+        """Run ``command(core)`` in the engine thread before the next step."""
+        self._inbox.put(command)
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request before its next step (no-op if it already finished)."""
+        self._aborts.put(request_id)
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the current step."""
+        self._inbox.put(None)
+
+    # -- engine-thread API (commands call these) ----------------------------------------
+    def make_session(self, voice: Voice, window_segments: int | None = None) -> SessionState:
+        """A session state (thread-safe; not served until :meth:`register_session`)."""
+        k = self.config.window_segments if window_segments is None else window_segments
+        if k < 0:
+            raise EngineError(f"window_segments {k} is negative")
+        return SessionState(id=self.next_id(), voice=voice, window_segments=k)
+
+    def register_session(self, state: SessionState) -> None:
+        """Serve ``state``; its cache is allocated (and the voice prefix copied in) now, so the
+        first turn does not pay for it."""
+        self.sessions[state.id] = state
+        self._prepare(state)
+
+    def _prepare(self, state: SessionState) -> None:
+        if state.cache is not None:
+            return
+        state.cache = self.model.new_cache(self.config.max_context)
+        prefix = self.voice_prefix(state.voice)
+        if prefix is not None:
+            state.cache.load(prefix.k, prefix.v)
+            state.tokens = list(prefix.tokens)
+            state.prefix_len = len(prefix.tokens)
+
+    def new_session(self, voice: Voice, window_segments: int | None = None) -> SessionState:
+        """Make and register a session (engine thread, or tests driving the core)."""
+        state = self.make_session(voice, window_segments)
+        self.register_session(state)
+        return state
+
+    def close_session(self, session_id: int) -> None:
+        """Cancel the session's requests and free its cache."""
+        state = self.sessions.pop(session_id, None)
+        if state is None:
+            return
+        state.closed = True
+        for req in [state.active, *state.queue]:
+            if req is not None:
+                self._finish(req, "cancelled", rollback=False)
+        state.queue.clear()
+        state.active = None
+        state.cache = None  # the only reference: memory is released here
+        state.tokens = []
+        state.segments = []
+
+    def add_request(self, req: Request) -> None:
+        """Queue a segment behind the session's earlier ones."""
+        if req.session.closed:
+            req.emit(EngineError("the session is closed"))
+            return
+        self.requests[req.id] = req
+        req.session.queue.append(req)
+
+    @torch.inference_mode()
+    def voice_prefix(self, voice: Voice) -> VoicePrefix | None:
+        """The prefilled prefix of ``voice`` (prefilling it now on a miss); None without one."""
+        if not voice.prefix_tokens:
+            return None
+        entry = self.voices.get(voice.key)
+        if entry is None:
+            job = self._voice_job(voice)
+            while True:
+                try:
+                    next(job)
+                except StopIteration as stop:
+                    return stop.value
+        return entry
+
+    def prefill_voice(self, voice: Voice, done: Callable[[BaseException | None], None]) -> None:
+        """Prefill ``voice``'s prefix in chunks between steps, then call ``done(error or None)``
+        (engine thread). A prefix already stored costs nothing."""
+        if not voice.prefix_tokens or voice.key in self.voices:
+            done(None)
+            return
+        self._jobs.append((self._voice_job(voice), done))
+
+    def _voice_job(self, voice: Voice) -> Generator[None, None, VoicePrefix]:
+        tokens = voice.prefix_tokens
+        n = len(tokens)
+        if n > self.config.max_context:
+            raise ContextOverflowError(
+                f"a voice prefix of {n} tokens exceeds max_context {self.config.max_context}"
+            )
+        cache = self.model.new_cache(n)  # exactly sized: the store keeps it as is
+        chunk = self.config.prefill_chunk
+        for i in range(0, n, chunk):
+            if i:
+                yield  # let other requests step between chunks
+            self.model.forward(cache, self._tensor(tokens[i : i + chunk]))
+        entry = VoicePrefix(tokens=tokens, k=cache.k, v=cache.v)
+        self.voices.put(voice.key, entry)
+        return entry
+
+    # -- the loop -----------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._jobs) or any(
+            s.active is not None or s.queue for s in self.sessions.values()
+        )
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        """Serve until :meth:`stop`; blocks on the inbox while idle."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        while not self._stopping:
+            if not self.has_work():
+                command = self._inbox.get()
+                self._execute(command)
+            try:
+                self.step()
+            except Exception as exc:  # a bug outside any one request: fail them all, go on
+                log.exception("engine step failed")
+                for req in list(self.requests.values()):
+                    self._fail(req, exc)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Nothing may wait forever on a stopped engine: end every stream and job."""
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command is not None:
+                self._execute(command)
+        for session_id in list(self.sessions):
+            self.close_session(session_id)
+        jobs, self._jobs = self._jobs, []
+        for _, done in jobs:
+            done(EngineError("the engine stopped"))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Drain commands and aborts, then one step of every active request (round-robin)."""
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._execute(command)
+        self._drain_aborts()
+        for job in list(self._jobs):
+            gen, done = job
+            try:
+                next(gen)
+            except StopIteration:
+                self._jobs.remove(job)
+                done(None)
+            except Exception as exc:
+                self._jobs.remove(job)
+                done(exc)
+        batch = self._schedule()
+        for req in batch:  # a later batched forward would take this list whole
+            self._drain_aborts()
+            if req.done:
+                continue
+            try:
+                self._execute_step(req)
+            except Exception as exc:  # this request only; the engine keeps serving
+                self._fail(req, exc)
+
+    def _execute(self, command: Callable[[EngineCore], None] | None) -> None:
+        if command is None:
+            self._stopping = True
+            return
+        try:
+            command(self)
+        except Exception:  # commands report their own errors; never kill the loop
+            log.exception("engine command failed")
+
+    def _schedule(self) -> list[Request]:
+        batch: list[Request] = []
+        for state in self.sessions.values():
+            if state.active is None and state.queue:
+                state.active = state.queue.popleft()
+            if state.active is not None:
+                batch.append(state.active)
+        return batch
+
+    def _drain_aborts(self) -> None:
+        while True:
+            try:
+                rid = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            req = self.requests.get(rid)
+            if req is not None and not req.done:
+                self._finish(req, "cancelled", rollback=True)
+
+    # -- execute + update ---------------------------------------------------------------
+    def _execute_step(self, req: Request) -> None:
+        req.steps += 1
+        if req.start < 0:
+            self._start_segment(req)
+            return
+        if req.hidden is None:  # prompt (and re-prefilled window) still being prefilled
+            self._prefill_chunk(req)
+            return
+        state = req.session
+        position = len(req.codes)
+        hidden = req.hidden
+        assert hidden is not None and state.cache is not None and req.sampler is not None
+        if position == 0 and req.frames >= req.params.max_frames:
+            self._close_segment(req, "max_frames")
+            return
+        rows = self._rows[position]  # [4096, D] view
+        logits = rows @ hidden  # [4096]
+        if position == 0 and req.frames > 0:
+            logits = torch.cat((logits, self._eos_row @ hidden))  # [4097]
+        index = req.sampler.sample(logits, position)
+        if index == EOS_INDEX:
+            self._close_segment(req, "eos")
+            return
+        req.codes.append(index)
+        token = AUDIO_TOKEN_BASE + position * CODEBOOK_SIZE + index
+        if len(req.codes) == FRAME_SIZE:
+            frame: Frame = tuple(req.codes)  # type: ignore[assignment]
+            req.codes = []
+            req.frames += 1
+            req.sampler.push_frame(frame)
+            req.emit(frame)  # before the forward: the frame is final once sampled
+        req.hidden = self._append(state, [token])
+
+    def _start_segment(self, req: Request) -> None:
+        state = req.session
+        self._prepare(state)
+        req.prompt = state.voice.prompt(self.encode, req.text)
+        needed = len(req.prompt) + FRAME_SIZE * req.params.max_frames + 2
+        capacity = state.cache.capacity
+        if state.prefix_len + needed > capacity:
+            raise ContextOverflowError(
+                f"a segment of {len(req.prompt)} prompt tokens and up to {req.params.max_frames}"
+                f" frames ({needed} tokens) does not fit max_context {capacity}"
+                f" after a voice prefix of {state.prefix_len}: lower max_frames or raise"
+                " max_context"
+            )
+        held = len(state.segments)
+        drop = 0
+        if held > state.window_segments + self.config.window_slack:
+            drop = held - state.window_segments  # evict a batch: re-prefill only now and then
+        while len(state.tokens) - self._span(state, drop) + needed > capacity:
+            drop += 1
+        if drop:
+            self._evict(state, drop)
+        req.start = len(state.tokens)
+        state.tokens.extend(req.prompt)
+        req.sampler = FrameSampler(req.params, self.model.device)
+        self._prefill_chunk(req)
+
+    def _prefill_chunk(self, req: Request) -> None:
+        """Prefill up to ``prefill_chunk`` of the session's not-yet-cached tokens (vLLM-style
+        chunked prefill: a long prompt or re-prefilled window never stalls other sessions, and
+        a cancel lands between chunks)."""
+        state = req.session
+        cache = state.cache
+        assert cache is not None
+        n = min(self.config.prefill_chunk, len(state.tokens) - cache.length)
+        hidden = self.model.forward(
+            cache, self._tensor(state.tokens[cache.length : cache.length + n])
+        )
+        if cache.length == len(state.tokens):
+            req.hidden = hidden[0, -1]  # [D]: predicts the first audio token
+            req.prefill_hidden = req.hidden
+
+    def _span(self, state: SessionState, drop: int) -> int:
+        """Slots freed by evicting the ``drop`` oldest segments."""
+        if drop == 0:
+            return 0
+        return state.segments[drop - 1][1] - state.prefix_len
+
+    def _evict(self, state: SessionState, drop: int) -> None:
+        """Drop the ``drop`` oldest segments from the context (the prefix always stays).
+
+        ``reprefill``: cut the cache back to the prefix; what stays becomes not-yet-cached
+        tokens that the next prefill chunks recompute, exactly. ``reindex``: shift the cache
+        left and rotate the kept keys (no forward; approximate, see the architecture doc).
+        """
+        cache = state.cache
+        assert cache is not None
+        start, stop = state.prefix_len, state.segments[drop - 1][1]
+        delta = stop - start
+        if self.config.eviction == "reindex" and cache.length >= stop:
+            self.model.evict(cache, start, stop)
+        else:
+            cache.truncate(min(cache.length, start))
+        del state.tokens[start:stop]
+        state.segments = [(a - delta, b - delta) for a, b in state.segments[drop:]]
+
+    def _append(self, state: SessionState, tokens: list[int]) -> Tensor:
+        """Forward ``tokens`` at the end of a fully cached context; hidden of the last one."""
+        assert state.cache is not None and state.cache.length == len(state.tokens)
+        hidden = self.model.forward(state.cache, self._tensor(tokens))  # [1, T, D]
+        state.tokens.extend(tokens)
+        return hidden[0, -1]
+
+    def _close_segment(self, req: Request, reason: FinishReason) -> None:
+        """Finish the turn in the context (EOS, EOA) so the next segment sees it complete."""
+        state = req.session
+        self._append(state, [END_OF_SPEECH, END_OF_AI])
+        state.segments.append((req.start, len(state.tokens)))
+        self._finish(req, reason, rollback=False)
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        if req.done:
+            return
+        if not isinstance(exc, VoxlaneError):
+            log.exception("request %d failed", req.id)
+            wrapped = EngineError(f"speech LM failed on this request: {exc!r}")
+            wrapped.__cause__ = exc
+            exc = wrapped
+        self._finish(req, "error", rollback=True, error=exc)
+
+    def _finish(
+        self,
+        req: Request,
+        reason: FinishReason,
+        *,
+        rollback: bool,
+        error: BaseException | None = None,
+    ) -> None:
+        req.done = True
+        req.hidden = None
+        self.requests.pop(req.id, None)
+        state = req.session
+        if state.active is req:
+            state.active = None
+        elif req in state.queue:
+            state.queue.remove(req)
+        if rollback and req.start >= 0 and state.cache is not None:
+            # A cancelled or failed segment leaves no trace: the next one starts where it did.
+            state.cache.truncate(min(state.cache.length, req.start))
+            del state.tokens[req.start :]
+        req.emit(error if error is not None else Finished(reason, req.frames))
+
+    def _tensor(self, tokens: list[int] | tuple[int, ...]) -> Tensor:
+        return torch.tensor([list(tokens)], dtype=torch.long, device=self.model.device)

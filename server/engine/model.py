@@ -1,0 +1,197 @@
+"""A small Llama forward over a Hugging Face model's own modules, on a position-addressed KV cache.
+
+gpt-fast style: the KV cache is preallocated (``[L, B, H_kv, S_max, D]``) and a token at
+position ``i`` lives in slot ``i``. One function, :meth:`StepModel.forward`, serves prefill
+(``T`` tokens) and decode (``T == 1``). The weights are the HF model's modules (embeddings,
+projections, RMSNorms, MLPs, final norm, ``rotary_emb``), so numerics match HF's forward,
+including Llama-3 RoPE scaling.
+
+Keys are cached *after* RoPE. Because rotations compose, rotating a cached key by ``-delta``
+equals the key computed at ``position - delta``: :meth:`KVCache.evict` deletes a span and
+shifts what follows left, re-indexing the shifted keys, so positions stay contiguous and
+bounded however long a session lasts (see docs/architecture-engine.md for the measurement
+that chose this over re-prefilling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from voxlane.errors import ContextOverflowError, EngineError
+
+__all__ = ["KVCache", "StepModel"]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass(eq=False)
+class KVCache:
+    """Keys (post-RoPE) and values of one sequence, addressed by position.
+
+    ``k`` and ``v`` are ``[L, B, H_kv, S_max, D]``; slots ``0 .. length-1`` are valid.
+    Truncating (rollback) is free: only ``length`` changes.
+    """
+
+    k: Tensor
+    v: Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on (a cancelled or failed segment)."""
+        if not 0 <= length <= self.length:
+            raise EngineError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+    def load(self, k: Tensor, v: Tensor) -> None:
+        """Copy a read-only prefix (``[L, B, H_kv, P, D]``) into slots ``0 .. P-1``."""
+        n = k.shape[3]
+        if n > self.capacity:
+            raise ContextOverflowError(
+                f"a voice prefix of {n} tokens does not fit a context of {self.capacity}"
+            )
+        self.k[:, :, :, :n].copy_(k)
+        self.v[:, :, :, :n].copy_(v)
+        self.length = n
+
+    def snapshot(self) -> tuple[Tensor, Tensor]:
+        """Compact copies of the valid slots (used to build a voice prefix)."""
+        n = self.length
+        return self.k[:, :, :, :n].clone(), self.v[:, :, :, :n].clone()
+
+
+class StepModel:
+    """Forward pass of an HF ``LlamaForCausalLM`` on a :class:`KVCache`.
+
+    ``forward`` returns the final-norm hidden states; the caller picks which rows of the LM
+    head to multiply them with (:meth:`head_rows` is a view of ``lm_head.weight``, no copy).
+    """
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        cfg = hf_model.config
+        hf_model.requires_grad_(False)  # inference only; lets plain ops mix with cache tensors
+        base = hf_model.model
+        self.config = cfg
+        self.embed = base.embed_tokens
+        self.layers = list(base.layers)
+        self.norm = base.norm
+        self.rotary = base.rotary_emb
+        self.head_weight: Tensor = hf_model.lm_head.weight  # [V, D_model]
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.vocab_size = self.head_weight.shape[0]
+        self.dtype = self.head_weight.dtype
+        self.device = self.head_weight.device
+
+    # -- cache ---------------------------------------------------------------------------
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        """An empty cache of ``capacity`` slots (allocated, not zeroed)."""
+        shape = (self.n_layers, batch, self.n_kv_heads, capacity, self.head_dim)
+        return KVCache(
+            k=torch.empty(shape, dtype=self.dtype, device=self.device),
+            v=torch.empty(shape, dtype=self.dtype, device=self.device),
+        )
+
+    def head_rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start..stop-1`` of the LM head: a contiguous view, no copy."""
+        return self.head_weight[start:stop]
+
+    # -- forward -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, tokens: Tensor) -> Tensor:
+        """Run ``tokens`` (``[B, T]``) at positions ``cache.length ..``; append them to the cache.
+
+        Returns the final-norm hidden states ``[B, T, D_model]``.
+        """
+        bsz, t = tokens.shape
+        start = cache.length
+        end = start + t
+        if end > cache.capacity:
+            raise ContextOverflowError(
+                f"{t} more tokens after {start} do not fit a context of {cache.capacity}"
+            )
+        positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
+        x = self.embed(tokens)  # [B, T, D_model]
+        cos, sin = self.rotary(x, positions)  # [1, T, D] each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, T, D]
+        mask = None
+        causal = t > 1 and start == 0
+        if t > 1 and start > 0:
+            # Row i (position start+i) sees slots 0..start+i: SDPA's is_causal would align
+            # the diagonal top-left, which is wrong when a cached prefix precedes the chunk.
+            rows = torch.arange(start, end, device=self.device).unsqueeze(1)  # [T, 1]
+            cols = torch.arange(end, device=self.device).unsqueeze(0)  # [1, S]
+            mask = cols <= rows  # [T, S]
+        h, d = self.n_heads, self.head_dim
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            a = layer.input_layernorm(x)
+            q = attn.q_proj(a).view(bsz, t, h, d).transpose(1, 2)  # [B, H, T, D]
+            k = attn.k_proj(a).view(bsz, t, self.n_kv_heads, d).transpose(1, 2)  # [B, Hkv, T, D]
+            v = attn.v_proj(a).view(bsz, t, self.n_kv_heads, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.k[i, :, :, start:end] = k
+            cache.v[i, :, :, start:end] = v
+            keys = cache.k[i, :, :, :end]  # [B, Hkv, S, D]
+            values = cache.v[i, :, :, :end]
+            o = F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=causal,
+                scale=attn.scaling,
+                enable_gqa=True,
+            )  # [B, H, T, D]
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, t, h * d))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.length = end
+        return self.norm(x)
+
+    # -- eviction ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def evict(self, cache: KVCache, start: int, stop: int) -> None:
+        """Delete slots ``start..stop-1`` and shift the tail left, re-indexing its RoPE.
+
+        A key cached at position ``p`` becomes exactly (up to rounding) the key that a fresh
+        prefill would compute at ``p - (stop - start)``. Cost: one copy and one rotation of the
+        tail, no model forward.
+        """
+        n = cache.length
+        if not 0 <= start <= stop <= n:
+            raise EngineError(f"cannot evict slots {start}..{stop} of a cache of length {n}")
+        delta = stop - start
+        if delta == 0:
+            return
+        tail = n - stop
+        if tail:
+            cos, sin = self._rotation(-delta)  # [D]
+            k = cache.k[:, :, :, stop:n]  # [L, B, Hkv, tail, D]
+            shifted = k * cos + _rotate_half(k) * sin  # a new tensor: safe to overlap-copy
+            cache.k[:, :, :, start : start + tail] = shifted
+            cache.v[:, :, :, start : start + tail] = cache.v[:, :, :, stop:n].clone()
+        cache.length = n - delta
+
+    def _rotation(self, delta: int) -> tuple[Tensor, Tensor]:
+        """cos/sin of a rotation by ``delta`` positions (angles in float64 for accuracy)."""
+        inv_freq = self.rotary.inv_freq.to(torch.float64)  # [D/2]
+        angles = float(delta) * inv_freq
+        angles = torch.cat((angles, angles))  # [D]
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)

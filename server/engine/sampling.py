@@ -1,0 +1,77 @@
+"""Frame-constrained sampling: only the legal rows of the LM head are ever computed.
+
+At frame position ``p`` the legal tokens are the 4,096 audio tokens of ``p`` — a contiguous
+slice of ``lm_head.weight`` — plus END_OF_SPEECH when ``p == 0`` and at least one frame has
+been emitted. The sampler sees ``4096`` (or ``4097``) logits, so an illegal token cannot be
+drawn whatever the weights are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from voxlane.server.orpheus import CODEBOOK_SIZE, Frame
+
+from .config import SamplingParams
+
+__all__ = ["EOS_INDEX", "FrameSampler"]
+
+#: Index of END_OF_SPEECH in the sampler's logits when it is legal (after the 4,096 codes).
+EOS_INDEX = CODEBOOK_SIZE
+
+
+class FrameSampler:
+    """Per-segment sampling state: its RNG and the recent frames the penalty looks at."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self.seed = seed
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.recent: deque[Frame] = deque(maxlen=params.repetition_window)
+
+    def push_frame(self, frame: Frame) -> None:
+        """Remember an emitted frame for the repetition penalty."""
+        self.recent.append(frame)
+
+    def sample(self, logits: Tensor, position: int) -> int:
+        """Draw an index from ``logits`` (``[4096]`` or ``[4097]``, float) at ``position``.
+
+        Returns a code (``0..4095``) or :data:`EOS_INDEX`.
+        """
+        p = self.params
+        logits = logits.float()
+        if p.repetition_penalty != 1.0 and self.recent:
+            seen = torch.tensor(
+                sorted({f[position] for f in self.recent}), dtype=torch.long, device=logits.device
+            )
+            vals = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if p.temperature == 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        order: Tensor | None = None
+        if p.top_p < 1.0:
+            if probs.device.type == "cpu":
+                # numpy's quicksort is ~4x faster than torch.sort on 4k floats (per-step cost).
+                order = torch.from_numpy(np.argsort(-probs.numpy(), kind="quicksort"))
+                probs = probs[order]
+            else:
+                probs, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(probs, dim=-1)
+        n = probs.shape[0]
+        if order is not None:
+            # Nucleus: the shortest prefix of the sorted tokens whose mass reaches top_p.
+            n = min(int(torch.searchsorted(cum, torch.tensor([p.top_p], device=cum.device))) + 1, n)
+        # Inverse-CDF draw from the (kept) distribution: one uniform from the request's RNG.
+        u = torch.rand(1, generator=self.generator, device=cum.device) * cum[n - 1]
+        index = min(int(torch.searchsorted(cum[:n], u, right=True)), n - 1)
+        return int(order[index]) if order is not None else index
