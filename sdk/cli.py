@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -35,6 +37,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from voxlane.server.serve import run_serve
 
     return run_serve(args)
+
+
+def _cmd_mqtt(args: argparse.Namespace) -> int:
+    from voxlane.clients.mqtt import run_mqtt
+
+    return run_mqtt(args)
+
+
+def _cmd_livekit(args: argparse.Namespace) -> int:
+    from voxlane.clients.livekit import run_livekit
+
+    return run_livekit(args)
 
 
 def _cmd_say(args: argparse.Namespace) -> int:
@@ -112,6 +126,128 @@ async def _say(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    return asyncio.run(_chat(args))
+
+
+class _Answer:
+    """One spoken answer of ``voxlane chat``: prints its text, plays or records its audio."""
+
+    def __init__(self, turn: Any, args: argparse.Namespace, number: int) -> None:
+        self.turn = turn
+        self.args = args
+        self.number = number
+        self.player: Any = None
+        self.samples: list[Any] = []
+        self.rate = 24000
+        self.open_line = False  # the answer's text line is not finished yet
+        import asyncio
+
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        import voxlane
+        from voxlane.client import AudioChunk
+
+        started = False
+        try:
+            async for event in self.turn:
+                if isinstance(event, voxlane.client.TextDelta):
+                    if not started:
+                        print("assistant: ", end="", flush=True)
+                        started = self.open_line = True
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, AudioChunk):
+                    self.rate = event.sample_rate
+                    if self.args.out_dir:
+                        self.samples.append(event.samples)
+                    else:
+                        if self.player is None:
+                            self.player = voxlane.Player(
+                                event.sample_rate,
+                                lead_ms=self.args.lead_ms,
+                                device=_device(self.args),
+                            )
+                        self.player.feed(event)
+        except voxlane.VoxlaneError as exc:
+            print(f"\n[error] [{exc.code}] {exc}", flush=True)
+        if self.open_line:
+            print(flush=True)
+            self.open_line = False
+        if self.player is not None:
+            await self.player.drain()
+        if self.args.out_dir:
+            import numpy as np
+
+            from voxlane.audio import write_wav
+
+            audio = np.concatenate(self.samples) if self.samples else np.zeros(0, np.int16)
+            path = Path(self.args.out_dir) / f"answer-{self.number}.wav"
+            write_wav(path, audio, self.rate)
+
+    async def interrupt(self) -> None:
+        """Barge-in: stop playback and tell the server how much was heard."""
+        if self.task.done():
+            return
+        prefix = "\n" if self.open_line else ""
+        self.open_line = False
+        if self.player is not None:
+            played = self.player.played_samples
+            self.player.flush()
+            await self.turn.report_playback(played)
+            print(f"{prefix}[interrupted after {played / self.rate:.2f} s]", flush=True)
+        else:
+            print(f"{prefix}[interrupted]", flush=True)
+
+    async def finish(self) -> None:
+        await self.task
+        if self.player is not None:
+            self.player.close()
+
+
+def _device(args: argparse.Namespace) -> Any:
+    return int(args.device) if args.device and args.device.isdigit() else args.device
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import voxlane
+
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    async with voxlane.connect(args.url, api_key=args.api_key) as session:
+        if session.ready is None or session.ready.agent is None:
+            print(
+                "voxlane chat: error: the server has no agent mode (start it with --llm-url)",
+                file=sys.stderr,
+            )
+            return 1
+        sampling = {"seed": args.seed} if args.seed is not None else {}
+        await session.configure(
+            sample_rate=args.sample_rate, max_frames=args.max_frames, **sampling
+        )
+        print(
+            f"chatting with {session.ready.agent.model}: type a message and press Enter; "
+            "type again to interrupt; Ctrl-D to quit",
+            file=sys.stderr,
+        )
+        answers: list[_Answer] = []
+        while line := await asyncio.to_thread(sys.stdin.readline):
+            text = line.strip()
+            if not text:
+                continue
+            if answers:
+                await answers[-1].interrupt()
+            turn = await session.respond(text, voice=args.voice)
+            answers.append(_Answer(turn, args, len(answers) + 1))
+        for answer in answers:
+            await answer.finish()
+    return 0
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(prog="voxlane", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -164,11 +300,53 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--max-frames", type=int, help="cap on audio frames per segment (85 ms)")
     handlers["say"] = _cmd_say
 
+    p = sub.add_parser(
+        "chat",
+        help="talk with the server's LLM: type a message, hear the answer, type to interrupt",
+        description="Agent mode: each line of stdin is a user message; the server's LLM "
+        "answers and the answer is spoken. A new line interrupts the answer playing (the "
+        "server keeps only what was heard in the dialogue). Needs `voxlane serve --llm-url`.",
+    )
+    p.add_argument("--url", help="server URL (default $VOXLANE_URL or ws://127.0.0.1:8765)")
+    p.add_argument("--api-key", help="API key (default $VOXLANE_API_KEY)")
+    p.add_argument("--voice", help="a built-in voice (tara, leo, ...)")
+    p.add_argument(
+        "--out-dir", metavar="DIR", help="write each answer to DIR/answer-N.wav instead of playing"
+    )
+    p.add_argument("--lead-ms", type=float, default=120.0, help="playback buffer before sound")
+    p.add_argument("--device", help="sounddevice output device (name or index)")
+    p.add_argument("--sample-rate", type=int, choices=[8000, 16000, 24000, 48000])
+    p.add_argument("--seed", type=int, help="fixed seed for reproducible audio")
+    p.add_argument("--max-frames", type=int, help="cap on audio frames per segment (85 ms)")
+    handlers["chat"] = _cmd_chat
+
     p = sub.add_parser("serve", help="run the WebSocket server")
     from voxlane.server.serve import add_serve_arguments
 
     add_serve_arguments(p)
     handlers["serve"] = _cmd_serve
+
+    p = sub.add_parser(
+        "mqtt",
+        help="bridge MQTT devices to a server: text on PREFIX/DEVICE/say, audio back",
+        description="Serve voxlane to devices through an MQTT broker (see docs/mqtt.md). "
+        "Needs the mqtt extra: pip install 'voxlane[mqtt]'.",
+    )
+    from voxlane.clients.mqtt import add_mqtt_arguments  # light: aiomqtt loads when it runs
+
+    add_mqtt_arguments(p)
+    handlers["mqtt"] = _cmd_mqtt
+
+    p = sub.add_parser(
+        "livekit",
+        help="join a LiveKit room and speak its chat messages (or the LLM's answers)",
+        description="Bridge a LiveKit room to a voxlane server (see docs/livekit.md). "
+        "Needs the livekit extra: pip install 'voxlane[livekit]'.",
+    )
+    from voxlane.clients.livekit import add_livekit_arguments  # light: livekit loads when it runs
+
+    add_livekit_arguments(p)
+    handlers["livekit"] = _cmd_livekit
     return parser, handlers
 
 

@@ -47,6 +47,8 @@ from voxlane.errors import (
     error_class_for_code,
 )
 from voxlane.protocol import (
+    AgentMessage,
+    AgentTextDelta,
     CloseCode,
     ErrorMessage,
     Limits,
@@ -73,6 +75,7 @@ __all__ = [
     "AudioChunk",
     "Mark",
     "Session",
+    "TextDelta",
     "Turn",
     "TurnEvent",
     "connect",
@@ -140,8 +143,11 @@ class AudioChunk:
         return samples.astype(np.float32) / 32768.0
 
 
-TurnEvent = AudioChunk | TurnMark
-"""What iterating a :class:`Turn` yields."""
+TextDelta = AgentTextDelta
+"""An ``agent.text_delta`` event of an agent turn (:meth:`Session.respond`): LLM text."""
+
+TurnEvent = AudioChunk | TurnMark | AgentTextDelta
+"""What iterating a :class:`Turn` yields (text deltas only in agent turns)."""
 
 
 @dataclass
@@ -190,6 +196,14 @@ class Turn:
         self._cancel_requested = False
         self._iter_done = False
         self._feeder: asyncio.Task[None] | None = None
+        self.agent = False
+        """True for an agent turn (:meth:`Session.respond`): its text comes from the LLM."""
+        self.text = ""
+        """Agent turns: the LLM text received so far (``agent.text_delta``)."""
+        self.message: AgentMessage | None = None
+        """Agent turns: the assistant message the server kept in the dialogue history (what
+        was heard of the answer), from ``agent.message``; updated by a later
+        :meth:`report_playback` that cuts it further."""
 
     # ------------------------------------------------------------------------- state
 
@@ -276,7 +290,7 @@ class Turn:
             if self._iter_done:
                 raise StopAsyncIteration
             item = await self._events.get()
-            if isinstance(item, (AudioChunk, TurnMark)):
+            if isinstance(item, (AudioChunk, TurnMark, AgentTextDelta)):
                 if self._cancel_requested:
                     continue  # cancel() promises no audio after it is called
                 return item
@@ -345,6 +359,15 @@ class Turn:
                 return
         await self._cancel_ack.wait()
 
+    async def report_playback(self, sample: int) -> None:
+        """Tell the server how much of this turn was heard (``sample`` samples played).
+
+        For agent turns: the answer kept in the dialogue history is cut to what was heard.
+        Call it when playback stops early (barge-in), before the next :meth:`Session.respond`
+        -- also after the turn is done, since generation usually runs ahead of playback.
+        """
+        await self._session.report_playback(self.turn_id, sample)
+
     async def aclose(self) -> None:
         """Cancel the turn unless it is already done."""
         if not self.is_done:
@@ -370,6 +393,8 @@ class Turn:
     def _on_event(self, event: TurnEvent) -> None:
         if isinstance(event, AudioChunk) and self.first_audio_at is None:
             self.first_audio_at = event.received_at
+        if isinstance(event, AgentTextDelta) and not self._cancel_requested:
+            self.text += event.text
         if not self._cancel_requested:
             self._events.put_nowait(event)
 
@@ -447,6 +472,7 @@ class Session:
         self._fatal: VoxlaneError | None = None
         self._turn_numbers = itertools.count(1)
         self._request_numbers = itertools.count(1)
+        self._last_agent_turn: Turn | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -613,13 +639,17 @@ class Session:
     # ------------------------------------------------------------------ dispatching
 
     def _dispatch(self, message: Any) -> None:
-        if isinstance(message, (TurnStarted, TurnMark, TurnCancelled, TurnDone)):
+        if isinstance(message, AgentMessage):
+            turn = self._turns.get(message.turn_id) or self._last_agent_turn
+            if turn is not None and turn.turn_id == message.turn_id:
+                turn.message = message
+        elif isinstance(message, (TurnStarted, TurnMark, AgentTextDelta, TurnCancelled, TurnDone)):
             turn = self._turns.get(message.turn_id)
             if turn is None:
                 return  # a turn this client already closed (after a connection error, say)
             if isinstance(message, TurnStarted):
                 turn._on_started(message)
-            elif isinstance(message, TurnMark):
+            elif isinstance(message, (TurnMark, AgentTextDelta)):
                 turn._on_event(message)
             elif isinstance(message, TurnCancelled):
                 turn._on_cancelled(message)
@@ -936,6 +966,47 @@ class Session:
             self._feed(turn, text), name=f"voxlane-feed-{turn.turn_id}"
         )
         return turn
+
+    async def respond(
+        self, text: str, *, voice: str | None = None, turn_id: str | None = None
+    ) -> Turn:
+        """Agent mode: add the user message ``text`` to the dialogue and speak the answer.
+
+        The server asks its LLM (``voxlane serve --llm-url ...``) and speaks the answer as a
+        new turn. Iterate the returned :class:`Turn` for :data:`TextDelta` events (the
+        answer's text), marks and audio; :attr:`Turn.message` then holds what the server
+        kept in the history. Barge-in: every agent turn still open is interrupted (the
+        server cancels it; its iterator yields nothing more from now on). Report how much
+        of it was played first (:meth:`Turn.report_playback`) so the history keeps only what
+        was heard. Raises :class:`UnknownMessageError` from the turn's iterator if the
+        server has no agent mode.
+        """
+        for open_turn in self._turns.values():
+            if open_turn.agent and not open_turn.is_done:
+                open_turn._cancel_requested = True
+        turn = self._new_turn(turn_id, voice)
+        turn.agent = True
+        fields: dict[str, Any] = {"type": "agent.respond", "turn_id": turn.turn_id, "text": text}
+        if voice is not None:
+            fields["voice"] = voice
+        turn.start_sent_at = time.perf_counter()
+        try:
+            await self._send(fields)
+        except BaseException:
+            self._turns.pop(turn.turn_id, None)
+            raise
+        turn._start_sent = True
+        turn._ended = True  # the client sends no text into an agent turn
+        turn._text_sent()
+        self._last_agent_turn = turn
+        return turn
+
+    async def report_playback(self, turn_id: str, sample: int) -> None:
+        """Tell the server that ``sample`` samples of turn ``turn_id`` were played.
+
+        See :meth:`Turn.report_playback`.
+        """
+        await self._send({"type": "turn.playback", "turn_id": turn_id, "sample": int(sample)})
 
     async def _feed(self, turn: Turn, text: str | AsyncIterable[str]) -> None:
         try:

@@ -14,6 +14,7 @@ Exception tree::
      ├── ModelFormatError             bad_model          a checkpoint is not the model needed
      ├── EngineError                  engine_error       the speech LM failed on a request
      │    └── ContextOverflowError    context_overflow   a segment cannot fit the context window
+     ├── LLMError                     llm_error          the upstream LLM failed (agent mode)
      ├── ConnectionClosedError        connection_closed  the connection closed or never opened
      │    └── AuthenticationError     unauthorized       the server refused the API key
      └── ProtocolError                protocol_error     a message breaks protocol v1
@@ -39,6 +40,7 @@ __all__ = [
     "DuplicateTurnError",
     "EngineError",
     "InvalidTokenError",
+    "LLMError",
     "MessageTooLargeError",
     "ModelFormatError",
     "ModelNotFoundError",
@@ -104,6 +106,13 @@ class ContextOverflowError(EngineError):
     """A segment (prompt plus its maximum audio) cannot fit the context window."""
 
     code = "context_overflow"
+
+
+class LLMError(VoxlaneError, RuntimeError):
+    """The upstream chat-completions endpoint of agent mode failed: refused, HTTP error,
+    timeout, malformed stream or dropped connection. The session survives it."""
+
+    code = "llm_error"
 
 
 class ConnectionClosedError(VoxlaneError, ConnectionError):

@@ -39,6 +39,10 @@ __all__ = [
     "BUILTIN_VOICES",
     "EMOTION_TAGS",
     "PROTOCOL_VERSION",
+    "AgentInfo",
+    "AgentMessage",
+    "AgentRespond",
+    "AgentTextDelta",
     "AudioFrame",
     "AudioHeader",
     "ClientMessage",
@@ -61,6 +65,7 @@ __all__ = [
     "TurnFlush",
     "TurnMark",
     "TurnMetrics",
+    "TurnPlayback",
     "TurnStart",
     "TurnStarted",
     "VoiceClone",
@@ -274,9 +279,46 @@ class TurnCancel(_Model):
     turn_id: Identifier
 
 
-# Agent mode (a later protocol addition) adds its own message types to this union.
+class TurnPlayback(_Model):
+    """How far the client has played a turn: ``sample`` samples of it were heard.
+
+    Agent mode uses it to keep only what was heard of an interrupted answer in the
+    dialogue history. Valid for an open turn and for the last finished agent turn (send it
+    right after stopping playback, before the next ``agent.respond``).
+    """
+
+    type: Literal["turn.playback"] = "turn.playback"
+    turn_id: Identifier
+    sample: int = Field(ge=0)
+
+
+class AgentRespond(_Model):
+    """Agent mode: add a user message to the session's dialogue and speak the LLM's answer.
+
+    Opens a turn (``turn.started`` names it) whose text comes from the server's LLM; its
+    text arrives as ``agent.text_delta`` events. Barge-in: every agent turn still open on
+    the session is cancelled first (``turn.cancelled``), as if the client had cancelled it.
+    """
+
+    type: Literal["agent.respond"] = "agent.respond"
+    turn_id: Identifier | None = None
+    text: str = Field(min_length=1)
+    """The user's message."""
+    voice: VoiceId | None = None
+
+
 ClientMessage = Annotated[
-    Union[SessionConfigure, VoiceClone, TurnStart, TurnAppend, TurnFlush, TurnEnd, TurnCancel],  # noqa: UP007
+    Union[  # noqa: UP007
+        SessionConfigure,
+        VoiceClone,
+        TurnStart,
+        TurnAppend,
+        TurnFlush,
+        TurnEnd,
+        TurnCancel,
+        TurnPlayback,
+        AgentRespond,
+    ],
     Field(discriminator="type"),
 ]
 """Any text message a client sends."""
@@ -290,6 +332,17 @@ class _ServerModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class AgentInfo(_ServerModel):
+    """Agent mode of a server (``session.ready.agent``; ``None`` when it is off)."""
+
+    model: str
+    """The upstream LLM's model name."""
+    max_history_messages: int
+    """User and assistant messages kept in the dialogue history (oldest dropped first)."""
+    max_history_chars: int
+    """Characters of message text kept in the dialogue history."""
+
+
 class SessionReady(_ServerModel):
     """First message of every session: protocol version, defaults and limits."""
 
@@ -300,6 +353,8 @@ class SessionReady(_ServerModel):
     config: SessionConfig
     limits: Limits
     voices: list[str] = Field(default_factory=lambda: list(BUILTIN_VOICES))
+    agent: AgentInfo | None = None
+    """Set when the server can answer ``agent.respond`` (it has an upstream LLM)."""
 
 
 class SessionConfigured(_ServerModel):
@@ -388,6 +443,33 @@ class TurnDone(_ServerModel):
     metrics: TurnMetrics
 
 
+class AgentTextDelta(_ServerModel):
+    """Text of an agent turn as the LLM streams it; ``offset`` is where ``text`` starts in
+    the turn's text (the offsets ``turn.mark`` uses)."""
+
+    type: Literal["agent.text_delta"] = "agent.text_delta"
+    turn_id: str
+    text: str
+    offset: int
+
+
+class AgentMessage(_ServerModel):
+    """The assistant message an agent turn left in the dialogue history.
+
+    Sent before the turn's ``turn.done``, and again if a later ``turn.playback`` cuts it
+    further. ``text`` is what was heard (empty: nothing was, and no message was kept);
+    ``truncated`` says that it is shorter than what the LLM generated; ``sample`` is the
+    playback position the cut is based on.
+    """
+
+    type: Literal["agent.message"] = "agent.message"
+    turn_id: str
+    role: Literal["assistant"] = "assistant"
+    text: str
+    truncated: bool
+    sample: int
+
+
 class ErrorMessage(_ServerModel):
     """A typed error. ``code`` maps to a class with :func:`voxlane.errors.error_class_for_code`.
 
@@ -411,6 +493,8 @@ ServerMessage = Annotated[
         TurnMark,
         TurnCancelled,
         TurnDone,
+        AgentTextDelta,
+        AgentMessage,
         ErrorMessage,
     ],
     Field(discriminator="type"),

@@ -27,9 +27,11 @@ and binary messages into typed objects and checks audio frame continuity.
 from __future__ import annotations
 
 import itertools
+import math
+import re
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -41,12 +43,17 @@ from voxlane.errors import (
     ProtocolError,
     TooManyTurnsError,
     TurnClosedError,
+    UnknownMessageError,
     UnknownTurnError,
     UnknownVoiceError,
     VoxlaneError,
 )
 from voxlane.protocol import (
     BUILTIN_VOICES,
+    AgentInfo,
+    AgentMessage,
+    AgentRespond,
+    AgentTextDelta,
     AudioFrame,
     AudioHeader,
     CloseCode,
@@ -67,6 +74,7 @@ from voxlane.protocol import (
     TurnFlush,
     TurnMark,
     TurnMetrics,
+    TurnPlayback,
     TurnStart,
     TurnStarted,
     VoiceClone,
@@ -78,6 +86,7 @@ from voxlane.protocol import (
 )
 
 __all__ = [
+    "AgentOptions",
     "AppendText",
     "AudioChunk",
     "CancelTurn",
@@ -89,9 +98,11 @@ __all__ = [
     "EndTurn",
     "FlushTurn",
     "ServerSession",
+    "StartAgentResponse",
     "StartTurn",
     "Turn",
     "TurnPhase",
+    "heard_text",
 ]
 
 
@@ -163,6 +174,21 @@ class CancelTurn:
 
 
 @dataclass(frozen=True, slots=True)
+class StartAgentResponse:
+    """Agent mode: ask the LLM to answer ``messages`` for the active turn ``turn_id``.
+
+    ``messages`` is the dialogue in chat-completions form (system prompt first, the new user
+    message last). Stream the answer's deltas into the turn's pipeline and through
+    :meth:`ServerSession.send_text_delta`, end the turn's text when the stream ends, then
+    call ``turn_done`` as for any turn (with an :class:`~voxlane.errors.LLMError` if the
+    upstream failed). A ``CancelTurn`` of the turn must close the upstream request.
+    """
+
+    turn_id: str
+    messages: tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CloseConnection:
     """Send ``data_to_send()``, then close the WebSocket with this code."""
 
@@ -178,8 +204,32 @@ Command = (
     | FlushTurn
     | EndTurn
     | CancelTurn
+    | StartAgentResponse
     | CloseConnection
 )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    """Agent mode of a :class:`ServerSession`: system prompt and dialogue history limits.
+
+    History keeps user and assistant messages (the system prompt is not counted). When a
+    request is built and the history exceeds ``max_history_messages`` messages or
+    ``max_history_chars`` characters, the oldest messages are dropped, whole exchanges at a
+    time (it always starts with a user message), but never the new user message.
+    """
+
+    model: str = ""
+    system_prompt: str | None = None
+    max_history_messages: int = 32
+    max_history_chars: int = 32_000
+    words_per_second: float = 2.5
+    """Speaking rate assumed to place the cut inside a segment whose audio was still being
+    generated when the turn stopped (no measured rate of an earlier segment of the turn)."""
+
+    def __post_init__(self) -> None:
+        if self.max_history_messages < 1 or self.max_history_chars < 1:
+            raise ValueError("history limits must be at least 1")
 
 
 # ------------------------------------------------------------------------------ turns
@@ -218,6 +268,19 @@ class Turn:
     """Marks sent so far."""
     pending: list[Command] = field(default_factory=list)
     """Commands held while the turn is queued."""
+    marks: list[tuple[int, int, int]] = field(default_factory=list)
+    """``(sample, start, end)`` of every mark sent."""
+    user_text: str | None = None
+    """Agent turns: the user message this turn answers (``None``: a plain turn)."""
+    text: str = ""
+    """Agent turns: the LLM text received so far."""
+    played: int | None = None
+    """The client's last ``turn.playback`` position."""
+
+    @property
+    def agent(self) -> bool:
+        """True for a turn answering ``agent.respond``."""
+        return self.user_text is not None
 
     @property
     def speaking(self) -> bool:
@@ -250,8 +313,12 @@ class ServerSession:
         voices: Iterable[str] | None = BUILTIN_VOICES,
         session_id: str | None = None,
         server: str = "voxlane",
+        agent: AgentOptions | None = None,
     ) -> None:
-        """``voices`` are the voice ids a client may pick (``None``: any, unchecked)."""
+        """``voices`` are the voice ids a client may pick (``None``: any, unchecked).
+
+        ``agent`` enables agent mode (``agent.respond``); the session then keeps the
+        dialogue history (:attr:`history`)."""
         self.limits = limits or Limits()
         self.config = config or SessionConfig()
         self.session_id = session_id or uuid.uuid4().hex
@@ -268,6 +335,11 @@ class ServerSession:
         self._numbers = itertools.count(1)
         self._clone: VoiceClone | None = None  # waiting for its binary audio
         self._out: list[str | bytes] = []
+        self.agent = agent
+        self.history: list[dict[str, str]] = []
+        """Agent mode: the dialogue, ``{"role": "user"|"assistant", "content": ...}`` in order
+        (without the system prompt)."""
+        self._last_agent: _AgentRecord | None = None  # may still be cut by turn.playback
         if self.voices is not None:
             self._check_voice(self.config.voice)
         self._send(
@@ -277,6 +349,13 @@ class ServerSession:
                 config=self.config,
                 limits=self.limits,
                 voices=sorted(self.voices) if self.voices is not None else [],
+                agent=None
+                if agent is None
+                else AgentInfo(
+                    model=agent.model,
+                    max_history_messages=agent.max_history_messages,
+                    max_history_chars=agent.max_history_chars,
+                ),
             )
         )
 
@@ -381,6 +460,10 @@ class ServerSession:
             return self._end(message)
         if isinstance(message, TurnCancel):
             return self._cancel(message)
+        if isinstance(message, TurnPlayback):
+            return self._playback(message)
+        if isinstance(message, AgentRespond):
+            return self._respond(message)
         raise BadMessageError(f"unhandled message {type(message).__name__}")  # pragma: no cover
 
     # ----------------------------------------------------------- session handlers
@@ -426,8 +509,11 @@ class ServerSession:
 
     # -------------------------------------------------------------- turn handlers
 
-    def _start(self, message: TurnStart) -> list[Command]:
-        if len(self._turns) >= self.limits.max_turns:
+    def _start(
+        self, message: TurnStart, user_text: str | None = None, leaving: int = 0
+    ) -> list[Command]:
+        # ``leaving``: open turns just cancelled by a barge-in, which do not count.
+        if len(self._turns) - leaving >= self.limits.max_turns:
             raise TooManyTurnsError(
                 f"{len(self._turns)} turns are open, the limit is {self.limits.max_turns}"
             )
@@ -445,6 +531,10 @@ class ServerSession:
         self._check_text(0, message.text, turn_id)
 
         turn = Turn(turn_id=turn_id, number=next(self._numbers), config=config)
+        if user_text is not None:
+            self._check_text(0, user_text, turn_id)
+            turn.user_text = user_text
+            turn.input_closed = True  # its text comes from the LLM, not the client
         self._used_ids.add(turn_id)
         self._turns[turn_id] = turn
         self._send(
@@ -526,7 +616,130 @@ class ServerSession:
         commands: list[Command] = [StartTurn(turn.turn_id, turn.number, turn.config)]
         commands += turn.pending
         turn.pending = []
+        if turn.user_text is not None:
+            commands.append(self._agent_request(turn, turn.user_text))
         return commands
+
+    # ------------------------------------------------------------------ agent mode
+
+    def _respond(self, message: AgentRespond) -> list[Command]:
+        if self.agent is None:
+            raise UnknownMessageError(
+                "agent.respond: agent mode is off on this server (it has no LLM configured)"
+            )
+        if message.turn_id is not None and message.turn_id in self._used_ids:
+            raise DuplicateTurnError(
+                f"turn id {message.turn_id!r} was already used on this session"
+            )
+        # Refuse before interrupting: a message that is refused interrupts nothing.
+        self._check_text(0, message.text, message.turn_id or "agent.respond")
+        if message.voice is not None:
+            self._check_voice(message.voice)
+        # Barge-in: a new user message interrupts every answer still open.
+        commands: list[Command] = []
+        leaving = 0
+        for turn in list(self._turns.values()):
+            if turn.agent and turn.phase is not TurnPhase.CANCELLED:
+                commands += self._cancel(TurnCancel(turn_id=turn.turn_id))
+                leaving += turn.turn_id in self._turns  # active: open until its turn_done
+        start = TurnStart(turn_id=message.turn_id, voice=message.voice, end=False)
+        return commands + self._start(start, user_text=message.text, leaving=leaving)
+
+    def _agent_request(self, turn: Turn, user_text: str) -> StartAgentResponse:
+        assert self.agent is not None
+        self._last_agent = None  # the previous answer is final once a new one is requested
+        self.history.append({"role": "user", "content": user_text})
+        self._trim_history()
+        messages: list[dict[str, str]] = []
+        if self.agent.system_prompt:
+            messages.append({"role": "system", "content": self.agent.system_prompt})
+        messages += (dict(m) for m in self.history)
+        return StartAgentResponse(turn.turn_id, tuple(messages))
+
+    def _trim_history(self) -> None:
+        assert self.agent is not None
+        limit_n, limit_chars = self.agent.max_history_messages, self.agent.max_history_chars
+        history = self.history
+
+        def over() -> bool:
+            chars = sum(len(m["content"]) for m in history)
+            return len(history) > limit_n or chars > limit_chars
+
+        while len(history) > 1 and over():
+            del history[0]
+            # An answer without its question goes too: history starts with a user message.
+            while len(history) > 1 and history[0]["role"] != "user":
+                del history[0]
+
+    def send_text_delta(self, turn_id: str, text: str) -> bool:
+        """Agent mode: forward LLM text of the active agent turn (``agent.text_delta``).
+
+        Returns False, sending nothing, if the turn is not speaking (cancelled, say): text
+        that arrives after ``turn.cancelled`` is neither sent nor kept.
+        """
+        turn = self._turns.get(turn_id)
+        if self.closed or turn is None or not turn.speaking or not turn.agent or not text:
+            return False
+        self._send(AgentTextDelta(turn_id=turn_id, text=text, offset=len(turn.text)))
+        turn.text += text
+        return True
+
+    def _playback(self, message: TurnPlayback) -> list[Command]:
+        turn = self._turns.get(message.turn_id)
+        if turn is not None:
+            turn.played = message.sample
+            return []
+        record = self._last_agent
+        if record is None or record.turn_id != message.turn_id:
+            raise UnknownTurnError(
+                f"turn {message.turn_id!r} is neither open nor the last agent turn"
+            )
+        if message.sample < record.heard:
+            record.heard = message.sample
+            self._record_answer(record)
+        return []
+
+    def _agent_finished(self, turn: Turn, reason: str) -> None:
+        """Keep what was heard of the answer in the history (and tell the client)."""
+        assert self.agent is not None
+        heard = turn.samples if turn.played is None else min(turn.played, turn.samples)
+        record = _AgentRecord(
+            turn_id=turn.turn_id,
+            text=turn.text,
+            marks=list(turn.marks),
+            # A failed turn still spoke all it had (an upstream error ends the text): only a
+            # cancel leaves the last segment's end unknown.
+            total=None if reason == "cancelled" else turn.samples,
+            sample_rate=turn.config.sample_rate,
+            heard=heard,
+        )
+        self._last_agent = record
+        self._record_answer(record)
+
+    def _record_answer(self, record: _AgentRecord) -> None:
+        assert self.agent is not None
+        text = heard_text(
+            record.text,
+            record.marks,
+            heard=record.heard,
+            total=record.total,
+            samples_per_word=record.sample_rate / self.agent.words_per_second,
+        )
+        if record.entry is not None:
+            if record.entry in self.history:
+                self.history.remove(record.entry)
+            record.entry = None
+        if text:
+            record.entry = {"role": "assistant", "content": text}
+            self.history.append(record.entry)
+        self._send(
+            AgentMessage(
+                turn_id=record.turn_id,
+                text=text,
+                truncated=text != record.text.strip(),
+                sample=record.heard,
+            )
+        )
 
     # ----------------------------------------------------------- pipeline output
 
@@ -579,6 +792,7 @@ class ServerSession:
                 text=text,
             )
         )
+        turn.marks.append((turn.samples if sample is None else sample, start, end))
         turn.segments += 1
         return True
 
@@ -622,6 +836,8 @@ class ServerSession:
             segments=turn.segments,
             samples=turn.samples,
         )
+        if turn.agent:
+            self._agent_finished(turn, reason)
         self._finish(turn, reason, metrics)
         return self._activate_next()
 
@@ -715,6 +931,75 @@ class ServerSession:
 
     def _send(self, message: object) -> None:
         self._out.append(dump_message(message))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ agent truncation
+
+
+@dataclass(eq=False)
+class _AgentRecord:
+    """The last finished agent turn: enough to cut its history entry again."""
+
+    turn_id: str
+    text: str
+    marks: list[tuple[int, int, int]]
+    total: int | None
+    sample_rate: int
+    heard: int
+    entry: dict[str, str] | None = None
+
+
+_WORD_RUN = re.compile(r"\S+")
+
+
+def heard_text(
+    text: str,
+    marks: Sequence[tuple[int, int, int]],
+    *,
+    heard: int,
+    total: int | None,
+    samples_per_word: float,
+) -> str:
+    """The part of an answer a listener heard after ``heard`` samples of its audio.
+
+    ``text`` is the turn's text; ``marks`` are ``(sample, start, end)`` per segment in order
+    (``turn.mark``: the segment ``text[start:end]`` starts at output sample ``sample``);
+    ``total`` is the sample count of the whole turn when its audio is complete, ``None``
+    when it stopped early (cancelled).
+
+    The rule (docs/agent.md): segments whose audio started before ``heard`` count; each is
+    kept whole if its audio ended by ``heard``, otherwise it is cut by words, in proportion
+    to how much of its audio was heard, rounding down (a word half heard is not kept). A
+    segment's audio ends where the next one starts, or at ``total``; for the last segment
+    of an interrupted turn that end is unknown, so its duration is estimated from
+    ``samples_per_word`` (or, better, from the segments of the turn heard completely). Text
+    never marked (still buffered when the turn stopped) was not heard. The result keeps the
+    raw text (markdown included), stripped of surrounding whitespace.
+    """
+    kept = 0
+    measured_words = 0
+    measured_samples = 0
+    for i, (sample, start, end) in enumerate(marks):
+        if sample >= heard:
+            break
+        words = list(_WORD_RUN.finditer(text, start, end))
+        next_sample = marks[i + 1][0] if i + 1 < len(marks) else total
+        if next_sample is not None and heard >= next_sample:
+            kept = end
+            measured_words += len(words)
+            measured_samples += next_sample - sample
+            continue
+        if next_sample is not None:
+            fraction = (heard - sample) / max(1, next_sample - sample)
+            n = math.floor(fraction * len(words))
+        else:
+            per_word = samples_per_word
+            if measured_words and measured_samples:
+                per_word = measured_samples / measured_words
+            n = min(len(words), math.floor((heard - sample) / per_word))
+        kept = words[n - 1].end() if n > 0 else start
+        break
+    return text[:kept].strip()
 
 
 # ---------------------------------------------------------------------------- client

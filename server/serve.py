@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from voxlane.protocol import Limits
 
 if TYPE_CHECKING:
+    from voxlane.server.agent import LLMConfig
     from voxlane.server.app import VoxlaneServer
 
 __all__ = ["add_serve_arguments", "run_serve"]
@@ -51,12 +52,51 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--send-timeout", type=float, default=20.0, help="drop non-reading clients")
     p.add_argument("--max-context", type=int, default=8192, help="KV cache slots per session")
     p.add_argument("--log-level", default="INFO")
+    agent = p.add_argument_group("agent mode (the server asks an OpenAI-compatible LLM)")
+    agent.add_argument(
+        "--llm-url",
+        help="base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1): "
+        "enables agent.respond",
+    )
+    agent.add_argument("--llm-model", help="model name sent upstream (required with --llm-url)")
+    agent.add_argument("--llm-api-key", help="upstream API key (default $VOXLANE_LLM_API_KEY)")
+    agent.add_argument("--system-prompt", help="system prompt of every dialogue")
+    agent.add_argument(
+        "--llm-timeout", type=float, default=30.0, help="seconds to connect / between chunks"
+    )
+    agent.add_argument(
+        "--llm-max-response", type=float, default=120.0, help="seconds one answer may stream"
+    )
+    agent.add_argument("--llm-max-tokens", type=int, default=512)
+    agent.add_argument("--max-history-messages", type=int, default=32)
+    agent.add_argument("--max-history-chars", type=int, default=32_000)
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     keys = list(args.api_key)
     keys += [k.strip() for k in os.environ.get("VOXLANE_API_KEYS", "").split(",") if k.strip()]
     return tuple(keys)
+
+
+def llm_config(args: argparse.Namespace) -> LLMConfig | None:
+    """The agent-mode LLM of the ``--llm-*`` flags (None without ``--llm-url``)."""
+    from voxlane.server.agent import LLMConfig
+
+    if not args.llm_url:
+        return None
+    if not args.llm_model:
+        raise SystemExit("voxlane serve: error: --llm-url needs --llm-model")
+    return LLMConfig(
+        base_url=args.llm_url,
+        model=args.llm_model,
+        api_key=args.llm_api_key or os.environ.get("VOXLANE_LLM_API_KEY") or None,
+        system_prompt=args.system_prompt,
+        timeout_s=args.llm_timeout,
+        max_response_s=args.llm_max_response,
+        max_tokens=args.llm_max_tokens,
+        max_history_messages=args.max_history_messages,
+        max_history_chars=args.max_history_chars,
+    )
 
 
 def build_server(args: argparse.Namespace) -> VoxlaneServer:
@@ -84,6 +124,7 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
             max_clone_seconds=args.max_clone_seconds,
         ),
         send_timeout_s=args.send_timeout,
+        llm=llm_config(args),
     )
     service = SpeechService.load(
         model,

@@ -146,7 +146,7 @@ def test_server_messages_round_trip_and_ignore_new_fields() -> None:
     data["added_in_v1_1"] = True
     assert parse_server_message(json.dumps(data)) == done
     with pytest.raises(UnknownMessageError):
-        parse_server_message(msg("agent.text_delta", text="hi"))
+        parse_server_message(msg("agent.added_later", text="hi"))
 
 
 # ---------------------------------------------------------------------- audio header
