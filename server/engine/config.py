@@ -62,6 +62,10 @@ class EngineConfig:
     into one every ``window_slack + 1`` segments (the "occasional re-prefill"), so the exact
     policy costs, amortized, about one segment's prefill per segment. The context a segment
     sees is K to K + slack segments.
+    ``max_frames_ahead``: frames a request may have generated that its consumer has not taken
+    yet; beyond that the request is paused (not stepped) until the consumer catches up. This is
+    how a client that stops reading pauses its own generation without slowing anyone else.
+    ``None`` disables the bound.
     ``voice_cache_bytes``: LRU budget of prefilled voice prefixes.
     ``prefill_chunk``: most tokens one engine step prefills (prompts, re-prefilled windows and
     voice prefixes are prefilled in chunks between other requests' decode steps).
@@ -72,6 +76,7 @@ class EngineConfig:
     window_segments: int = 4
     eviction: EvictionPolicy = "reprefill"
     window_slack: int = 2
+    max_frames_ahead: int | None = 48
     voice_cache_bytes: int = 1 << 30
     prefill_chunk: int = 256
     num_threads: int | None = None
@@ -81,6 +86,8 @@ class EngineConfig:
             raise OutOfRangeError(f"max_context {self.max_context} is below 16")
         if self.window_segments < 0:
             raise OutOfRangeError(f"window_segments {self.window_segments} is negative")
+        if self.max_frames_ahead is not None and self.max_frames_ahead < 1:
+            raise OutOfRangeError(f"max_frames_ahead {self.max_frames_ahead} is below 1")
         if self.window_slack < 0:
             raise OutOfRangeError(f"window_slack {self.window_slack} is negative")
         if self.eviction not in ("reprefill", "reindex"):

@@ -85,6 +85,7 @@ class Request:
     text: str
     params: SamplingParams
     emit: Callable[[Any], None]  # Frame | Finished | BaseException; must be thread-safe
+    consumed: Callable[[], int] = lambda: 0  # frames the consumer has taken (any thread)
     # Engine-thread state.
     prompt: list[int] = field(default_factory=list)
     start: int = -1  # first cache slot of this segment (-1: not started)
@@ -95,6 +96,10 @@ class Request:
     frames: int = 0
     steps: int = 0  # executed steps (prefill counts as one)
     done: bool = False
+
+
+def _noop(core: EngineCore) -> None:
+    """A command that does nothing: it only wakes a loop blocked on its inbox."""
 
 
 class EngineCore:
@@ -235,8 +240,22 @@ class EngineCore:
     # -- the loop -----------------------------------------------------------------------
     def has_work(self) -> bool:
         return bool(self._jobs) or any(
-            s.active is not None or s.queue for s in self.sessions.values()
+            (s.active is not None and not self._paused(s.active)) or (s.active is None and s.queue)
+            for s in self.sessions.values()
         )
+
+    def _paused(self, req: Request) -> bool:
+        """True while ``req``'s consumer has not taken ``max_frames_ahead`` of its frames.
+
+        The consumer wakes the loop (:meth:`wake`) when it takes a frame from a paused request,
+        so a paused engine blocks on its inbox instead of spinning.
+        """
+        limit = self.config.max_frames_ahead
+        return limit is not None and req.frames - req.consumed() >= limit
+
+    def wake(self) -> None:
+        """Make an idle loop look at its requests again (thread-safe)."""
+        self._inbox.put(_noop)
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -314,7 +333,7 @@ class EngineCore:
         for state in self.sessions.values():
             if state.active is None and state.queue:
                 state.active = state.queue.popleft()
-            if state.active is not None:
+            if state.active is not None and not self._paused(state.active):
                 batch.append(state.active)
         return batch
 

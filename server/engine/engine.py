@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +46,18 @@ class SpeechLMLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+class _Progress:
+    """Frames a stream's consumer has taken, shared with the engine thread for flow control
+    (not the stream itself, so a dropped stream can still be collected and abort)."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.generated: Callable[[], int] = lambda: 0
+
+    def read(self) -> int:
+        return self.taken
+
+
 class FrameStream:
     """Async iterator over the frames of one segment.
 
@@ -61,6 +73,7 @@ class FrameStream:
         #: ``"eos" | "max_frames" | "cancelled" | "error"`` once the stream ended.
         self.finish_reason: FinishReason | None = None
         self.frames = 0
+        self._progress = _Progress()
 
     def _put(self, item: Any) -> None:  # event-loop thread
         self._queue.put_nowait(item)
@@ -85,6 +98,10 @@ class FrameStream:
             self.finish_reason = "error"
             raise item
         self.frames += 1
+        limit = self._engine.config.max_frames_ahead
+        self._progress.taken = self.frames
+        if limit is not None and self._progress.generated() - self.frames == limit - 1:
+            self._engine._core.wake()  # the request may have been paused waiting for us
         return item
 
     def cancel(self) -> None:
@@ -144,7 +161,9 @@ class Session:
             text=text,
             params=params or SamplingParams(),
             emit=emit,
+            consumed=stream._progress.read,
         )
+        stream._progress.generated = lambda: req.frames
         engine._core.submit(lambda core: core.add_request(req))
         return stream
 

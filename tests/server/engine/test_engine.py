@@ -108,3 +108,24 @@ async def test_aclose_ends_streams_in_flight(tiny_lm) -> None:
     rest = [f async for f in stream]
     assert len(first) == 7 and len(rest) < 139
     assert stream.finish_reason == "cancelled"
+
+
+async def test_a_consumer_that_stops_reading_pauses_only_its_own_request(tiny_lm) -> None:
+    eng = SpeechEngine(tiny_lm, EngineConfig(max_context=1024, num_threads=1, max_frames_ahead=3))
+    eng.start()
+    try:
+        voice = eng.builtin_voice("tara")
+        slow = eng.open_session(voice).generate(
+            "slow reader", SamplingParams(max_frames=12, seed=1)
+        )
+        fast = eng.open_session(voice).generate(
+            "fast reader", SamplingParams(max_frames=12, seed=2)
+        )
+        frames_fast = [f async for f in fast]  # finishes although nobody reads `slow`
+        assert len(frames_fast) == 12 and fast.finish_reason == "max_frames"
+        # `slow` generated exactly as far ahead as allowed, then waited.
+        assert eng._core.requests[slow.request_id].frames == 3
+        frames_slow = [f async for f in slow]  # reading resumes it to the end
+        assert len(frames_slow) == 12 and slow.finish_reason == "max_frames"
+    finally:
+        await eng.aclose()
