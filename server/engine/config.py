@@ -61,7 +61,7 @@ class EngineConfig:
     then evicts down to K at once. With ``reprefill`` this turns a re-prefill at every segment
     into one every ``window_slack + 1`` segments (the "occasional re-prefill"), so the exact
     policy costs, amortized, about one segment's prefill per segment. The context a segment
-    sees is K to K + slack segments.
+    sees is K to K + slack segments (with K = 0 there is no slack: nothing is re-prefilled).
     ``max_frames_ahead``: frames a request may have generated that its consumer has not taken
     yet; beyond that the request is paused (not stepped) until the consumer catches up. This is
     how a client that stops reading pauses its own generation without slowing anyone else.

@@ -395,8 +395,11 @@ class EngineCore:
                 " max_context"
             )
         held = len(state.segments)
+        # Slack amortizes re-prefilling the kept segments; with K = 0 nothing is kept, so
+        # evicting costs nothing and every segment stands alone.
+        slack = self.config.window_slack if state.window_segments else 0
         drop = 0
-        if held > state.window_segments + self.config.window_slack:
+        if held > state.window_segments + slack:
             drop = held - state.window_segments  # evict a batch: re-prefill only now and then
         while len(state.tokens) - self._span(state, drop) + needed > capacity:
             drop += 1
