@@ -1,7 +1,7 @@
 """Speak a sentence and save it to a WAV file.
 
-    voxlane serve --demo &            # or any voxlane server; see docs/sdk.md
-    python examples/save_wav.py "Hello from voxlane!" --out hello.wav
+    voxlane serve --demo tiny --api-key secret &     # or any voxlane server; see docs/sdk.md
+    python examples/save_wav.py "Hello from voxlane!" --out hello.wav --api-key secret
 
 The server URL and API key come from --url/--api-key or $VOXLANE_URL/$VOXLANE_API_KEY.
 """

@@ -863,12 +863,14 @@ class Session:
             fields["name"] = name
         if isinstance(audio, (str, os.PathLike)):
             path = Path(audio)
+            # File reads and decoding run in a thread: they must not stall the event loop
+            # (and with it the audio of other turns).
             if path.suffix.lower() == ".wav":
-                payload, fields["audio_format"] = path.read_bytes(), "wav"
+                payload, fields["audio_format"] = await asyncio.to_thread(path.read_bytes), "wav"
             else:
                 from voxlane.audio import read_audio
 
-                samples, rate = read_audio(path)
+                samples, rate = await asyncio.to_thread(read_audio, path)
                 payload, fields["audio_format"] = _pcm16(samples), "pcm_s16le"
                 fields["sample_rate"] = rate
         elif isinstance(audio, (bytes, bytearray, memoryview)):

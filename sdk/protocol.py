@@ -421,7 +421,9 @@ class TurnMetrics(_ServerModel):
     """Measurements of one turn."""
 
     time_to_first_audio_s: float | None = None
-    """From ``turn.start`` (or the turn leaving the queue) to its first audio frame."""
+    """From the turn's first text reaching the speech pipeline (the first text once the turn
+    is active, or the moment a queued turn with text becomes active) to its first audio
+    frame; ``None`` without audio."""
     audio_s: float = 0.0
     """Seconds of audio sent."""
     generation_s: float = 0.0
@@ -512,6 +514,8 @@ class CloseCode(IntEnum):
     """Too many protocol errors (``Limits.max_errors``)."""
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    SLOW_CONSUMER = 4008
+    """The client stopped reading audio for the server's send timeout."""
     UNAUTHORIZED = 4401
     """Missing or wrong API key."""
 

@@ -83,7 +83,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     default_config: SessionConfig = field(default_factory=SessionConfig)
     send_timeout_s: float = 20.0
-    """A client that stops reading for this long is closed (code 4008)."""
+    """A client that stops reading for this long is closed (``CloseCode.SLOW_CONSUMER``, 4008)."""
     send_buffer_bytes: int | None = None
     """Kernel send buffer (``SO_SNDBUF``) of each connection; None keeps the OS default (up to
     megabytes on loopback). A small one bounds the audio in flight, so a client that stops
@@ -95,12 +95,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.auth and not self.api_keys:
             raise ValueError(
-                "auth is on but no API key is configured: pass api keys, or disable auth "
-                "explicitly (--no-auth)"
+                "auth is on but no API key is configured: pass --api-key KEY (or set "
+                "$VOXLANE_API_KEYS; ServerConfig(api_keys=...)), or disable auth explicitly "
+                "(--no-auth; ServerConfig(auth=False))"
             )
 
 
-CLOSE_SLOW_CONSUMER = 4008
+CLOSE_SLOW_CONSUMER = CloseCode.SLOW_CONSUMER  # kept for importers of the old name
 
 
 class SpeechService:
@@ -199,7 +200,8 @@ class SpeechService:
     async def aclose(self) -> None:
         """Stop the engine thread and the codec thread."""
         await self.engine.aclose()
-        self.codec_executor.shutdown(wait=True, cancel_futures=True)
+        # Waiting for a decode in progress must not block the event loop.
+        await asyncio.to_thread(self.codec_executor.shutdown, wait=True, cancel_futures=True)
 
 
 def _set_torch_threads(n: int) -> None:
@@ -359,7 +361,11 @@ class _Connection:
             self.session.send_error(exc, request_id=command.request_id)
         except Exception as exc:
             log.exception("voice clone failed")
-            self.session.send_error(EngineError(f"voice clone failed: {exc}"))
+            error = EngineError(f"voice clone failed: {exc}")
+            self.server.metrics.errors.labels(error.code).inc()
+            # The request id lets the client fail the clone it is waiting for (without it an
+            # error naming nothing is taken as the answer to a pending session.configure).
+            self.session.send_error(error, request_id=command.request_id)
         else:
             self.voices[voice_id] = voice
             self.session.voice_cloned(command.request_id, voice_id, duration)
@@ -455,8 +461,13 @@ class _Connection:
         if self.turn is not turn:
             return
         self.turn = None
-        if error is None and turn.agent is not None:
-            error = turn.agent.error  # the LLM failed: what it sent was still spoken
+        if turn.agent is not None:
+            if error is None:
+                error = turn.agent.error  # the LLM failed: what it sent was still spoken
+            elif turn.agent.task is not None and not turn.agent.task.done():
+                # The turn failed while the LLM still streams: close the upstream request now
+                # rather than at its next delta (a slow LLM could hold it for timeout_s).
+                turn.agent.task.cancel()
         turn.engine_session.close()  # frees its cache; its stream already ended or was aborted
         m = turn.pipeline.metrics
         self.server.metrics.observe_turn(m, error)

@@ -67,13 +67,14 @@ def run_demo(args: argparse.Namespace) -> int:
     key = secrets.token_urlsafe(16)
 
     async def main() -> dict:
-        server = VoxlaneServer(service, ServerConfig(port=0, api_keys=(key,)))
-        async with server:
-            url = f"ws://127.0.0.1:{server.port}"
-            print(f"server         {url}")
-            result = await _stream_turn(url, key, args)
-        await service.aclose()
-        return result
+        try:
+            server = VoxlaneServer(service, ServerConfig(port=0, api_keys=(key,)))
+            async with server:
+                url = f"ws://127.0.0.1:{server.port}"
+                print(f"server         {url}")
+                return await _stream_turn(url, key, args)
+        finally:  # also on failure: stop the engine and codec threads
+            await service.aclose()
 
     result = asyncio.run(main())
     audio, done = result["audio"], result["done"]
@@ -81,13 +82,17 @@ def run_demo(args: argparse.Namespace) -> int:
     sf.write(out, audio, 24000, subtype="PCM_16")
     m = done.metrics
     print(f"segments       {len(result['marks'])}: " + " | ".join(k.text for k in result["marks"]))
+    if result["first_audio"] is None or m.time_to_first_audio_s is None:
+        print(f"no audio came back (turn.done reason {done.reason}); wrote an empty {out}")
+        return 1
     print(
         f"first audio    {result['first_audio'] * 1000:.0f} ms after the first text delta "
         f"(server-side {m.time_to_first_audio_s * 1000:.0f} ms)"
     )
+    rtf = f"{m.rtf:.2f}" if m.rtf is not None else "n/a"
     print(
         f"audio          {m.audio_s:.2f} s in {m.generation_s:.2f} s of generation "
-        f"(real-time factor {m.rtf:.2f}, underruns {m.underruns})"
+        f"(real-time factor {rtf}, underruns {m.underruns})"
     )
     print(f"wrote          {out} ({len(audio)} samples, 24 kHz, 16-bit)")
     return 0

@@ -8,6 +8,7 @@ same function, so the demo exercises the real loading path.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from voxlane.errors import ModelNotFoundError
@@ -48,22 +49,30 @@ def resolve_model_dir(
             f"model {name!r} is not a local directory and huggingface_hub is not installed. {_HINT}"
         ) from exc
     patterns = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
-    local = _try_snapshot(snapshot_download, name, patterns, local_only=True)
+    local, _ = _try_snapshot(snapshot_download, name, patterns, local_only=True)
+    why = "HF_HUB_OFFLINE is set"
     if local is None and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
-        local = _try_snapshot(snapshot_download, name, patterns, local_only=False)
+        local, error = _try_snapshot(snapshot_download, name, patterns, local_only=False)
+        # The hub's own reason (a gated repo needing a login, a typo, no network) is what
+        # tells the user what to fix.
+        why = f"{type(error).__name__}: {error}" if error is not None else "unknown reason"
     if local is None:
+        why = " ".join(why.split())[:300]
         raise ModelNotFoundError(
-            f"model {name!r} is not cached and could not be downloaded. {_HINT}"
+            f"model {name!r} is not cached and could not be downloaded ({why}). {_HINT}"
         )
     _check_files(local, name, required, any_of)
     return local
 
 
-def _try_snapshot(download, name: str, patterns: list[str], *, local_only: bool) -> Path | None:
+def _try_snapshot(
+    download: Callable[..., str], name: str, patterns: list[str], *, local_only: bool
+) -> tuple[Path | None, Exception | None]:
     try:
-        return Path(download(repo_id=name, allow_patterns=patterns, local_files_only=local_only))
-    except Exception:  # hub errors come in many classes; all mean "not here"
-        return None
+        path = download(repo_id=name, allow_patterns=patterns, local_files_only=local_only)
+    except Exception as exc:  # hub errors come in many classes; all mean "not here"
+        return None, exc
+    return Path(path), None
 
 
 def _check_files(path: Path, name: str, required: tuple[str, ...], any_of: tuple[str, ...]) -> None:

@@ -52,7 +52,8 @@ class FrameStream(Protocol):
 
     def __aiter__(self) -> AsyncIterator[Frame]: ...
 
-    def cancel(self) -> None: ...
+    def cancel(self) -> None:
+        """Abort the segment's generation; the stream ends (a no-op once it ended)."""
 
 
 class PcmDecoder(Protocol):
@@ -61,9 +62,11 @@ class PcmDecoder(Protocol):
     ``buffered_s`` is the audio handed out but not played yet: the decoder never waits for
     more frames than that covers before it decodes (``StreamingDecoder.push``)."""
 
-    def push(self, frames: list[Frame], *, buffered_s: float | None = None) -> np.ndarray: ...
+    def push(self, frames: list[Frame], *, buffered_s: float | None = None) -> np.ndarray:
+        """Add frames; returns the PCM that is final now (possibly empty)."""
 
-    def flush(self) -> np.ndarray: ...
+    def flush(self) -> np.ndarray:
+        """End of the utterance: returns the PCM still held back."""
 
 
 @dataclass(frozen=True)
@@ -263,16 +266,22 @@ class TurnPipeline:
         decoder = self.new_decoder()
         started = self._segment_started = self.clock()
         self._underruns_before_segment = self._playback.underruns
-        self._stream = self.speak(segment.text)
+        stream = self._stream = self.speak(segment.text)
+        completed = False
         try:
-            async for frame in self._stream:
+            async for frame in stream:
                 self.metrics.frames += 1
                 push = functools.partial(decoder.push, buffered_s=self._buffered_s())
                 pcm = await self._decode(push, [frame])
                 self._samples_decoded += pcm.size
                 await self._emit_pcm(pcm)
+            completed = True
         finally:
             self._stream = None
+            if not completed:
+                # A decode that failed (or a cancel) leaves the segment unfinished: abort its
+                # engine request now rather than let it generate until garbage collection.
+                stream.cancel()
         tail = await self._decode(decoder.flush)
         self._samples_decoded += tail.size
         self.metrics.generation_s += self.clock() - started

@@ -381,6 +381,38 @@ async def test_upstream_failures_are_errors_and_the_session_survives(
         assert good.done.reason == "completed" and good.events[-2].text == ANSWER
 
 
+async def test_failed_turn_closes_a_stalled_upstream_at_once(
+    start_server: Any, connect: Any, llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class BrokenDecoder:
+        def push(self, frames: Any, *, buffered_s: float | None = None) -> Any:
+            raise RuntimeError("decoder broke")
+
+        def flush(self) -> Any:
+            raise RuntimeError("decoder broke")
+
+    async def one_sentence_then_stall(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(SSE_HEAD + chunk("Paris is the capital of France. "))
+        await writer.drain()
+        await reader.read()  # b"" once the client hangs up; the LLM never sends more
+        llm.hung_up.set()
+
+    llm.script = [one_sentence_then_stall]
+    # A long upstream timeout: without an explicit close the request would live this long.
+    server = await start_server(llm=llm_config(llm.url, timeout_s=30.0))
+    monkeypatch.setattr(server.service, "new_decoder", lambda settings: BrokenDecoder())
+    async with connect(server) as client:
+        await configure(client, sampling=SHORT)
+        await client.send(type="agent.respond", turn_id="a", text="Tell me about Paris.")
+        result = await client.collect("a")
+        assert result.done.reason == "error"
+        errors = [e for e in result.events if getattr(e, "type", "") == "error"]
+        assert [e.code for e in errors] == ["engine_error"] and "decoder broke" in errors[0].message
+        await asyncio.wait_for(llm.hung_up.wait(), 5)
+
+
 async def test_unreachable_upstream_is_an_error(start_server: Any, connect: Any) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from voxlane.errors import EngineError
 from voxlane.protocol import (
+    CloseCode,
     Limits,
     TurnCancelled,
     TurnDone,
@@ -325,6 +326,27 @@ async def test_clone_upload_then_speak_in_the_voice(start_server: Any, connect: 
         assert (await client.speak("after", "Still alive.")).done.reason == "completed"
 
 
+async def test_unexpected_clone_failure_names_the_request(
+    start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await start_server()
+
+    def broken(command: Any, max_seconds: float) -> Any:
+        raise RuntimeError("codec exploded")
+
+    monkeypatch.setattr(server.service, "_encode_reference", broken)
+    async with connect(server) as client:
+        wav = _wav(0.5)
+        await client.send(type="voice.clone", request_id="r7", transcript="x", audio_bytes=len(wav))
+        await client.ws.send(wav)
+        error = await client.expect("error")
+        # Without the request id a client would take this as the answer to another request.
+        assert (error.code, error.request_id, error.fatal) == ("engine_error", "r7", False)
+        assert "codec exploded" in error.message
+        await configure(client, sampling=SHORT)
+        assert (await client.speak("after", "Still alive.")).done.reason == "completed"
+
+
 # ----------------------------------------------------------------------------------- auth
 
 
@@ -343,6 +365,12 @@ async def test_auth(start_server: Any, connect: Any) -> None:
         assert json.loads(await ws.recv())["type"] == "session.ready"
     async with connect(server, token=KEY) as client:
         assert client.ready.protocol == 1
+    # The X-API-Key header (docs/protocol.md, Connection).
+    async with websockets.connect(url, additional_headers={"X-API-Key": KEY}) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.ready"
+    with pytest.raises(InvalidStatus):
+        async with websockets.connect(url, additional_headers={"X-API-Key": "wrong"}):
+            pass
 
     open_server = await start_server(auth=False, api_keys=())
     async with connect(open_server, token=None) as client:
@@ -528,7 +556,7 @@ async def test_client_that_stops_reading_is_closed_with_4008(
         with pytest.raises(ConnectionClosed):
             while True:
                 await client.recv(timeout=10)
-        assert client.ws.close_code == 4008
+        assert client.ws.close_code == CloseCode.SLOW_CONSUMER == 4008  # docs/protocol.md
     await wait_engine_idle(server.service, timeout=10)
 
 

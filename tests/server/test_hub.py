@@ -46,3 +46,28 @@ def test_uncached_hub_id_offline(monkeypatch, tmp_path: Path):
         # An id nobody has cached (the real Orpheus may be cached on a dev machine).
         resolve_model_dir("voxlane-test/no-such-model")
     assert "--demo" in str(info.value)
+
+
+def test_download_failure_reason_is_in_the_message(monkeypatch, tmp_path: Path):
+    import huggingface_hub
+
+    def snapshot_download(*, repo_id, allow_patterns, local_files_only):
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        raise PermissionError(f"401 Client Error: {repo_id} is gated.\nLog in to access it.")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(ModelNotFoundError, match="not cached") as info:
+        resolve_model_dir("voxlane-test/gated-model")
+    message = str(info.value)
+    # What the hub said (a gated repo, here) is what tells the user what to fix.
+    assert "PermissionError: 401 Client Error: voxlane-test/gated-model is gated. Log in" in message
+    assert "--demo" in message
+
+
+def test_offline_is_named_as_the_reason(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE is set"):
+        resolve_model_dir("voxlane-test/no-such-model")

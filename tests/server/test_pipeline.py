@@ -259,6 +259,20 @@ async def test_engine_error_surfaces_from_events() -> None:
         await drain(pipeline)
 
 
+async def test_decode_failure_aborts_the_segments_engine_request() -> None:
+    class BrokenDecoder(FakeDecoder):
+        def push(self, frames: Any, *, buffered_s: float | None = None) -> np.ndarray:
+            raise RuntimeError("codec blew up")
+
+    pipeline, streams, _ = make_pipeline(None, new_decoder=BrokenDecoder)  # an endless segment
+    pipeline.push_text("This segment never decodes.")
+    pipeline.end_text()
+    with pytest.raises(RuntimeError, match="codec blew up"):
+        await drain(pipeline)
+    # The engine request is aborted at once, not left generating until garbage collection.
+    assert len(streams) == 1 and streams[0].cancelled
+
+
 async def test_stalled_text_released_after_first_delay() -> None:
     # Real clock: the first segment goes out after first_max_delay without a boundary.
     pipeline = TurnPipeline(
