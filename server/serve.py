@@ -53,9 +53,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=8192, help="KV cache slots per session")
     p.add_argument(
         "--admission",
-        choices=["refuse", "off"],
+        choices=["refuse", "wait", "off"],
         default="refuse",
-        help="refuse a turn ('overloaded') when measured capacity cannot keep it real time",
+        help="beyond the measured real-time capacity, refuse a turn ('overloaded') or hold it",
     )
     p.add_argument("--max-batch", type=int, default=None, help="most requests per engine step")
     p.add_argument("--log-level", default="INFO")

@@ -10,7 +10,7 @@ from voxlane.errors import OutOfRangeError
 __all__ = ["AdmissionPolicy", "EngineConfig", "EvictionPolicy", "SamplingParams"]
 
 EvictionPolicy = Literal["reprefill", "reindex"]
-AdmissionPolicy = Literal["off", "refuse"]
+AdmissionPolicy = Literal["off", "refuse", "wait"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ class EngineConfig:
     ``admission``: ``"refuse"`` makes :meth:`SpeechEngine.open_session` raise
     :class:`~voxlane.errors.OverloadedError` when the measured step throughput cannot keep one
     more stream real time using at most ``realtime_headroom`` of the real-time budget (the
-    rest is left to SNAC decoding and jitter); ``"off"`` admits everything.
+    rest is left to SNAC decoding and jitter); ``"wait"`` accepts the session but holds its
+    first segment until a streaming session finishes (oldest first); ``"off"`` admits
+    everything.
     """
 
     max_context: int = 8192
@@ -112,8 +114,8 @@ class EngineConfig:
             raise OutOfRangeError(f"max_batch {self.max_batch} is below 1")
         if self.yield_ahead_s is not None and self.yield_ahead_s < 0:
             raise OutOfRangeError(f"yield_ahead_s {self.yield_ahead_s} is negative")
-        if self.admission not in ("off", "refuse"):
-            raise OutOfRangeError(f"admission {self.admission!r} is not 'off' or 'refuse'")
+        if self.admission not in ("off", "refuse", "wait"):
+            raise OutOfRangeError(f"admission {self.admission!r} is not off, refuse or wait")
         if not 0.0 < self.realtime_headroom <= 1.0:
             raise OutOfRangeError(f"realtime_headroom {self.realtime_headroom} is outside (0, 1]")
         if self.voice_cache_bytes < 0:

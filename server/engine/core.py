@@ -80,6 +80,7 @@ class SessionState:
     queue: deque[Request] = field(default_factory=deque)  # segments waiting, FIFO
     active: Request | None = None
     closed: bool = False
+    streamed: bool = False  # a segment of it has started (admitted, for admission "wait")
 
 
 @dataclass(eq=False)
@@ -340,17 +341,15 @@ class EngineCore:
             for i in range(steps + 1):
                 started = time.perf_counter()
                 hidden = self.model.decode_batch(caches, tokens)
-                for row, sampler in zip(hidden, samplers, strict=True):
-                    sampler.sample(rows @ row, 0)
+                logits = hidden @ rows.T
+                for row, sampler in zip(logits, samplers, strict=True):
+                    sampler.sample(row, 0)
                 if i:  # the first step of a size pays one-off allocation costs
                     self.stats.record(b, time.perf_counter() - started)
 
     # -- the loop -----------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self._jobs) or any(
-            (s.active is not None and not self._paused(s.active)) or (s.active is None and s.queue)
-            for s in self.sessions.values()
-        )
+        return bool(self._jobs) or bool(self._schedule())
 
     def _paused(self, req: Request) -> bool:
         """True while ``req``'s consumer has not taken ``max_frames_ahead`` of its frames.
@@ -419,19 +418,29 @@ class EngineCore:
                 done(exc)
         batch = self._schedule()
         started = time.perf_counter()
-        decode: list[tuple[Request, int]] = []
+        ready: list[Request] = []
         other_work = bool(self._jobs)
         for req in batch:
             self._drain_aborts()
             if req.done:
                 continue
+            if req.hidden is not None:
+                ready.append(req)
+                continue
+            other_work = True
             try:
-                if req.hidden is None:  # starting or prefilling: its own forward
-                    other_work = True
-                    self._execute_step(req)
-                    continue
-                token = self._sample_step(req)
+                self._execute_step(req)  # starting or prefilling: its own forward
             except Exception as exc:  # this request only; the engine keeps serving
+                self._fail(req, exc)
+        logits = self._heads(ready)
+        decode: list[tuple[Request, int]] = []
+        for req in ready:
+            self._drain_aborts()
+            if req.done:
+                continue
+            try:
+                token = self._sample_step(req, logits[req.id])
+            except Exception as exc:
                 self._fail(req, exc)
                 continue
             if token is not None:
@@ -440,6 +449,25 @@ class EngineCore:
             self._decode(decode)
             if not other_work:
                 self.stats.record(len(decode), time.perf_counter() - started)
+
+    def _heads(self, reqs: list[Request]) -> dict[int, Tensor]:
+        """Legal-row logits of each request at its own frame position: one matmul per
+        position for all the requests there (``[n, D] @ [D, 4096]``), plus the EOS row where
+        EOS is legal."""
+        groups: dict[int, list[Request]] = {}
+        for req in reqs:
+            groups.setdefault(len(req.codes), []).append(req)
+        out: dict[int, Tensor] = {}
+        for position, group in groups.items():
+            hidden = torch.stack([req.hidden for req in group])  # type: ignore[misc]
+            logits = hidden @ self._rows[position].T  # [n, 4096]
+            eos = hidden @ self._eos_row.T if position == 0 else None  # [n, 1]
+            for i, req in enumerate(group):
+                if eos is not None and req.frames > 0:
+                    out[req.id] = torch.cat((logits[i], eos[i]))  # [4097]
+                else:
+                    out[req.id] = logits[i]
+        return out
 
     def _decode(self, batch: list[tuple[Request, int]]) -> None:
         """Append each request's sampled token in one batched forward.
@@ -497,6 +525,7 @@ class EngineCore:
                 state.active = state.queue.popleft()
             if state.active is not None and not self._paused(state.active):
                 ready.append(state.active)
+        ready = self._admit(ready)
         if len(ready) < 2:
             return ready
         now = self.clock()
@@ -508,6 +537,26 @@ class EngineCore:
         if self.config.max_batch is not None:
             ready = ready[: self.config.max_batch]
         return ready
+
+    def _admit(self, ready: list[Request]) -> list[Request]:
+        """Admission ``"wait"``: hold the first segment of new sessions (oldest first admitted)
+        while the measured capacity is taken by sessions already streaming. One stream is
+        always admitted when nothing streams, so the engine cannot stall."""
+        if self.config.admission != "wait":
+            return ready
+        new = [r for r in ready if not r.session.streamed]
+        if not new:
+            return ready
+        cap = self.stats.capacity(self.config.realtime_headroom)
+        if cap is None:
+            return ready
+        busy = sum(
+            1 for s in self.sessions.values() if s.streamed and (s.active is not None or s.queue)
+        )
+        room = max(cap, 0 if busy else 1) - busy
+        new.sort(key=lambda r: r.added_at)
+        held = {r.id for r in new[max(0, room) :]}
+        return [r for r in ready if r.id not in held]
 
     def _drain_aborts(self) -> None:
         while True:
@@ -529,13 +578,13 @@ class EngineCore:
             else:  # prompt (and re-prefilled window) still being prefilled
                 self._prefill_chunk(req)
             return
-        token = self._sample_step(req)
+        token = self._sample_step(req, self._heads([req])[req.id])
         if token is not None:
             req.hidden = self._append(req.session, [token])
 
-    def _sample_step(self, req: Request) -> int | None:
-        """Sample ``req``'s next token (emitting a frame it completes); the token to append,
-        or None if the segment closed."""
+    def _sample_step(self, req: Request, logits: Tensor) -> int | None:
+        """Sample ``req``'s next token from its legal-row ``logits`` (emitting a frame it
+        completes); the token to append, or None if the segment closed."""
         req.steps += 1
         state = req.session
         position = len(req.codes)
@@ -544,10 +593,6 @@ class EngineCore:
         if position == 0 and req.frames >= req.params.max_frames:
             self._close_segment(req, "max_frames")
             return None
-        rows = self._rows[position]  # [4096, D] view
-        logits = rows @ hidden  # [4096]
-        if position == 0 and req.frames > 0:
-            logits = torch.cat((logits, self._eos_row @ hidden))  # [4097]
         index = req.sampler.sample(logits, position)
         if index == EOS_INDEX:
             self._close_segment(req, "eos")
@@ -590,6 +635,7 @@ class EngineCore:
         if drop:
             self._evict(state, drop)
         req.start = len(state.tokens)
+        state.streamed = True
         state.tokens.extend(req.prompt)
         req.sampler = FrameSampler(req.params, self.model.device)
         self._prefill_chunk(req)

@@ -233,7 +233,7 @@ class SpeechEngine:
     def check_admission(self) -> None:
         """Raise :class:`~voxlane.errors.OverloadedError` if one more stream would exceed the
         measured capacity (only with ``config.admission == "refuse"``)."""
-        if self.config.admission == "off":
+        if self.config.admission != "refuse":
             return
         cap = self.capacity()
         if cap is not None and self._open_sessions + 1 > cap:

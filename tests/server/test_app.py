@@ -470,6 +470,31 @@ async def test_turn_errors_are_reported_and_the_session_survives(
     assert 'voxlane_turns_total{reason="error"} 2.0' in text.splitlines()
 
 
+async def test_a_turn_beyond_measured_capacity_is_refused_as_overloaded(
+    start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from voxlane.server.engine.core import StepStats
+
+    server = await start_server()
+    engine = server.service.engine
+    async with connect(server) as client:
+        await configure(client, sampling=SHORT)
+        slow = StepStats()
+        slow.record(1, 10.0)  # a measured step far slower than real time: no room at all
+        refuse = dataclasses.replace(engine.config, admission="refuse")
+        monkeypatch.setattr(engine, "config", refuse)
+        monkeypatch.setattr(engine._core, "stats", slow)
+        await client.send(type="turn.start", turn_id="busy", text="Hello.", end=True)
+        await client.expect("turn.started")
+        error = await client.expect("error")
+        assert (error.code, error.turn_id, error.fatal) == ("overloaded", "busy", False)
+        assert (await client.expect("turn.done")).reason == "error"
+        monkeypatch.undo()  # capacity back: the session goes on
+        assert (await client.speak("fine", "Back to normal.")).done.reason == "completed"
+
+
 async def test_oversize_messages_close_with_1009(start_server: Any, connect: Any) -> None:
     server = await start_server(limits=Limits(max_message_bytes=2048, max_clone_bytes=4096))
     async with connect(server) as client:  # over the protocol limit: typed fatal error

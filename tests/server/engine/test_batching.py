@@ -236,3 +236,25 @@ async def test_admission_off_admits_everything(kit, tiny_lm) -> None:
         assert engine.active_sessions == 0
     finally:
         await engine.aclose()
+
+
+def test_admission_wait_holds_new_sessions_until_a_stream_finishes(kit, tiny_model) -> None:
+    core = kit.make_core(tiny_model, admission="wait", realtime_headroom=1.0)
+    budget = FRAME_SECONDS / 7
+    core.stats = StepStats(alpha=1.0)
+    core.stats.record(1, budget * 0.5)
+    core.stats.record(2, budget * 2.0)  # capacity: one stream
+    first, first_sink = submit(
+        core, core.new_session(Voice.builtin("tara")), "first", kit, max_frames=4, seed=1
+    )
+    core.step()
+    second, second_sink = submit(
+        core, core.new_session(Voice.builtin("leo")), "second", kit, max_frames=4, seed=2
+    )
+    while not first.done:
+        core.step()
+        assert second.steps == 0  # held, not stepping beside the admitted stream
+    assert len(first_sink.frames) == 4
+    assert core.has_work()  # the held session is admitted now that the first one finished
+    kit.run_until_done(core, second)
+    assert len(second_sink.frames) == 4
