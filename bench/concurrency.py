@@ -9,7 +9,9 @@ anything (the box is shared).
   stream's consumer takes every frame at once). Wall time from the first ``generate`` to the
   last frame, prefill included; the counts are interleaved ``--rounds`` times and each keeps
   its best round (load from other processes only ever slows a round down).
-  ``throughput_8_vs_1`` is 8 streams over 1.
+  ``throughput_8_vs_1`` is 8 streams over 1. ``lm_realtime_streams``: the largest of those
+  counts whose frames (engine alone, no SNAC) all arrived before a listener playing from each
+  stream's first frame needed them, in some round.
 - ``realtime_streams``: the most turns started together (1, 2, 3, ...) that the whole server
   path keeps real time: :class:`TurnPipeline` per turn (segmenter, engine, streaming SNAC
   decoder on the shared codec thread, 40 ms chunks), counting underruns against a client that
@@ -28,6 +30,9 @@ import statistics
 import time
 from typing import Any
 
+from voxlane.server.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
 TEXT = "Hey there, my name is Tara, and I am a speech model that talks to many people at once"
 
 
@@ -48,17 +53,32 @@ async def _throughput(engine: Any, n: int, frames: int, seed: int) -> dict[str, 
     voice = engine.builtin_voice("tara")
     sessions = [engine.open_session(voice, window_segments=0) for _ in range(n)]
 
-    async def one(i: int) -> int:
+    async def one(i: int) -> tuple[int, int]:
         params = SamplingParams(max_frames=frames, seed=seed + i)
-        return sum([1 async for _ in sessions[i].generate(f"{TEXT} number {i}.", params)])
+        count, stalls, start = 0, 0, 0.0
+        async for _ in sessions[i].generate(f"{TEXT} number {i}.", params):
+            now = time.perf_counter()
+            if count == 0:
+                start = now
+            elif now > start + count * FRAME_SECONDS:  # the listener ran dry: it stalls
+                stalls += 1
+                start = now - count * FRAME_SECONDS
+            count += 1
+        return count, stalls
 
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(n)))
+    results = await asyncio.gather(*(one(i) for i in range(n)))
     wall = time.perf_counter() - t0
     for s in sessions:
         s.close()
-    tokens = 7 * sum(counts)
-    return {"streams": n, "frames": sum(counts), "wall_s": wall, "tokens_per_s": tokens / wall}
+    total = sum(c for c, _ in results)
+    return {
+        "streams": n,
+        "frames": total,
+        "wall_s": wall,
+        "tokens_per_s": 7 * total / wall,
+        "lm_underruns": sum(u for _, u in results),
+    }
 
 
 async def _turns(service: Any, n: int, frames: int, seed: int) -> list[dict[str, Any]]:
@@ -115,15 +135,19 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await _throughput(engine, 1, 4, args.seed)  # warm-up
         runs: dict[int, dict[str, float]] = {}
+        lm_realtime = 0
         for _ in range(args.rounds):
             for n in (1, 2, 4, 8):
                 r = await _throughput(engine, n, args.frames, args.seed)
+                if r["lm_underruns"] == 0:
+                    lm_realtime = max(lm_realtime, n)
                 if n not in runs or r["tokens_per_s"] > runs[n]["tokens_per_s"]:
                     runs[n] = r
         rate = {n: r["tokens_per_s"] for n, r in runs.items()}
         result["throughput"] = list(runs.values())
         result["tokens_per_s"] = {str(k): round(v, 1) for k, v in rate.items()}
         result["throughput_8_vs_1"] = round(rate[8] / rate[1], 2)
+        result["lm_realtime_streams"] = lm_realtime
 
         engine._core.calibrate()
         result["capacity_estimate"] = engine._core.stats.capacity(1.0)

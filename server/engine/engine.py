@@ -232,11 +232,12 @@ class SpeechEngine:
 
     def check_admission(self) -> None:
         """Raise :class:`~voxlane.errors.OverloadedError` if one more stream would exceed the
-        measured capacity (only with ``config.admission == "refuse"``)."""
+        measured capacity (only with ``config.admission == "refuse"``). A stream is always
+        admitted when none is open: refusing it would help no one."""
         if self.config.admission != "refuse":
             return
         cap = self.capacity()
-        if cap is not None and self._open_sessions + 1 > cap:
+        if cap is not None and self._open_sessions >= max(cap, 1):
             raise OverloadedError(
                 f"the speech engine keeps {cap} streams real time and {self._open_sessions}"
                 " are active: try again when one finishes"

@@ -481,8 +481,10 @@ async def test_a_turn_beyond_measured_capacity_is_refused_as_overloaded(
     engine = server.service.engine
     async with connect(server) as client:
         await configure(client, sampling=SHORT)
+        other = engine.open_session(engine.builtin_voice("leo"))  # another stream is open
         slow = StepStats()
-        slow.record(1, 10.0)  # a measured step far slower than real time: no room at all
+        slow.record(1, 0.01)
+        slow.record(2, 10.0)  # measured: one stream fits real time, two do not
         refuse = dataclasses.replace(engine.config, admission="refuse")
         monkeypatch.setattr(engine, "config", refuse)
         monkeypatch.setattr(engine._core, "stats", slow)
@@ -491,7 +493,9 @@ async def test_a_turn_beyond_measured_capacity_is_refused_as_overloaded(
         error = await client.expect("error")
         assert (error.code, error.turn_id, error.fatal) == ("overloaded", "busy", False)
         assert (await client.expect("turn.done")).reason == "error"
-        monkeypatch.undo()  # capacity back: the session goes on
+        other.close()  # the other stream ended: room for this session's next turn
+        assert (await client.speak("after", "Room again.")).done.reason == "completed"
+        monkeypatch.undo()
         assert (await client.speak("fine", "Back to normal.")).done.reason == "completed"
 
 
