@@ -1,5 +1,9 @@
 """The synchronous engine core: schedule -> execute -> update, one token per request per step.
 
+A step decodes the tokens of every scheduled request past prefill in one batched forward
+(:meth:`StepModel.decode_batch`); requests are scheduled by playback deadline (the one closest
+to running dry first) and admitted against the measured step throughput (:class:`StepStats`).
+
 Modelled on vLLM v1's ``EngineCore``: nothing here knows about asyncio. Commands enter through
 a thread-safe inbox, aborts through their own queue (drained before every request's step, so a
 cancel takes effect before that request's next token), and outputs leave through each
@@ -398,7 +402,8 @@ class EngineCore:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Drain commands and aborts, then one step of every active request (round-robin)."""
+        """Drain commands and aborts, then one step of every scheduled request: prefill chunks
+        one request at a time, then one batched decode forward for all the others."""
         while True:
             try:
                 command = self._inbox.get_nowait()
