@@ -97,6 +97,8 @@ class Request:
     params: SamplingParams
     emit: Callable[[Any], None]  # Frame | Finished | BaseException; must be thread-safe
     consumed: Callable[[], int] = lambda: 0  # frames the consumer has taken (any thread)
+    # Seconds of audio the listener holds unplayed, from whoever plays it (None: unknown).
+    playback: Callable[[], float | None] | None = None
     # Engine-thread state.
     prompt: list[int] = field(default_factory=list)
     start: int = -1  # first cache slot of this segment (-1: not started)
@@ -113,9 +115,15 @@ class Request:
     def ahead(self, now: float) -> float:
         """Seconds of audio generated ahead of real time (negative: its listener is waiting).
 
-        Playback is assumed to start with the first frame and run at real time; before the
-        first frame the listener has been waiting since the request arrived.
+        With a ``playback`` hint (the pipeline's buffered audio), that plus the frames
+        generated but not taken yet. Without one, playback is assumed to start with the first
+        frame and run at real time; before the first frame the listener has been waiting since
+        the request arrived.
         """
+        if self.playback is not None:
+            held = self.playback()
+            if held is not None:
+                return held + (self.frames - self.consumed()) * FRAME_SECONDS
         if self.first_frame_at is None:
             return -(now - self.added_at)
         generated = (self.frames + len(self.codes) / FRAME_SIZE) * FRAME_SECONDS

@@ -139,8 +139,17 @@ class Session:
     def id(self) -> int:
         return self._state.id
 
-    def generate(self, text: str, params: SamplingParams | None = None) -> FrameStream:
+    def generate(
+        self,
+        text: str,
+        params: SamplingParams | None = None,
+        *,
+        playback: Callable[[], float | None] | None = None,
+    ) -> FrameStream:
         """Speak ``text`` after this session's earlier segments (queued behind them).
+
+        ``playback`` (optional, called from the engine thread): seconds of audio the listener
+        holds unplayed, or None when unknown; the engine schedules by it (most behind first).
 
         Must be called from a running event loop. Returns at once; iterate the stream.
         """
@@ -162,6 +171,7 @@ class Session:
             params=params or SamplingParams(),
             emit=emit,
             consumed=stream._progress.read,
+            playback=playback,
         )
         stream._progress.generated = lambda: req.frames
         engine._core.submit(lambda core: core.add_request(req))

@@ -260,3 +260,32 @@ def test_admission_wait_holds_new_sessions_until_a_stream_finishes(kit, tiny_mod
     assert core.has_work()  # the held session is admitted now that the first one finished
     kit.run_until_done(core, second)
     assert len(second_sink.frames) == 4
+
+
+def test_the_playback_hint_decides_who_is_ahead(kit, tiny_model) -> None:
+    # A listener holding 5 s of audio (the pipeline says so) yields to one holding none,
+    # even though the engine's own clock sees both at the same point.
+    clock = FakeClock()
+    core = kit.make_core(tiny_model, yield_ahead_s=1.0, max_frames_ahead=None)
+    core.clock = clock
+    held = {"full": 5.0, "dry": 0.0}
+    runs = {}
+    for name, seed in (("full", 1), ("dry", 2)):
+        sink = kit.Sink()
+        req = Request(
+            id=core.next_id(),
+            session=core.new_session(Voice.builtin("tara")),
+            text=name,
+            params=SamplingParams(max_frames=40, seed=seed),
+            emit=sink,
+            consumed=lambda sink=sink: len(sink.frames),  # the consumer takes every frame
+            playback=lambda name=name: held[name],
+        )
+        core.add_request(req)
+        runs[name] = req
+    for _ in range(30):
+        core.step()
+    assert runs["full"].steps == 0 and runs["dry"].steps == 30
+    held["full"] = 0.5  # its listener played most of it: it steps again
+    core.step()
+    assert runs["full"].steps == 1
