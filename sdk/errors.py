@@ -14,6 +14,7 @@ Exception tree::
      ├── ModelFormatError             bad_model          a checkpoint is not the model needed
      ├── EngineError                  engine_error       the speech LM failed on a request
      │    └── ContextOverflowError    context_overflow   a segment cannot fit the context window
+     ├── OverloadedError              overloaded         no capacity for one more real-time stream
      ├── LLMError                     llm_error          the upstream LLM failed (agent mode)
      ├── ConnectionClosedError        connection_closed  the connection closed or never opened
      │    └── AuthenticationError     unauthorized       the server refused the API key
@@ -45,6 +46,7 @@ __all__ = [
     "ModelFormatError",
     "ModelNotFoundError",
     "OutOfRangeError",
+    "OverloadedError",
     "ProtocolError",
     "TooManyTurnsError",
     "TurnClosedError",
@@ -106,6 +108,12 @@ class ContextOverflowError(EngineError):
     """A segment (prompt plus its maximum audio) cannot fit the context window."""
 
     code = "context_overflow"
+
+
+class OverloadedError(VoxlaneError, RuntimeError):
+    """The server's measured capacity cannot keep one more stream real time; retry later."""
+
+    code = "overloaded"
 
 
 class LLMError(VoxlaneError, RuntimeError):

@@ -395,7 +395,9 @@ class _Connection:
         )
         settings = self.server.config.decoder
         pipeline = TurnPipeline(
-            speak=lambda text: engine_session.generate(text, params),
+            speak=lambda text: engine_session.generate(
+                text, params, playback=pipeline.playback_ahead_s
+            ),
             new_decoder=lambda: self.service.new_decoder(settings),
             decode_executor=self.service.codec_executor,
             segmenter=Segmenter(),

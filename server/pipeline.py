@@ -308,6 +308,15 @@ class TurnPipeline:
         played = self.clock() - start
         return max(0.0, self._samples_out / self.sample_rate - played)
 
+    def playback_ahead_s(self) -> float | None:
+        """Seconds of audio handed out that the client has not played yet (playback model),
+        negative while it is stalled waiting; None before the first chunk. Read by the
+        engine thread to schedule by deadline (plain float reads)."""
+        start = self._playback.start
+        if start is None:
+            return None
+        return self._samples_out / self.sample_rate - (self.clock() - start)
+
     def _final_tail(self) -> np.ndarray:
         tail = [np.zeros(0, np.float32)]
         if self._resampler is not None:

@@ -51,6 +51,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clone-seconds", type=float, default=30.0)
     p.add_argument("--send-timeout", type=float, default=20.0, help="drop non-reading clients")
     p.add_argument("--max-context", type=int, default=8192, help="KV cache slots per session")
+    p.add_argument(
+        "--admission",
+        choices=["refuse", "wait", "off"],
+        default="refuse",
+        help="beyond the measured real-time capacity, refuse a turn ('overloaded') or hold it",
+    )
+    p.add_argument("--max-batch", type=int, default=None, help="most requests per engine step")
     p.add_argument("--log-level", default="INFO")
     agent = p.add_argument_group("agent mode (the server asks an OpenAI-compatible LLM)")
     agent.add_argument(
@@ -131,7 +138,9 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
         codec,
         device=args.device,
         dtype=dtype,
-        engine_config=EngineConfig(max_context=args.max_context),
+        engine_config=EngineConfig(
+            max_context=args.max_context, admission=args.admission, max_batch=args.max_batch
+        ),
     )
     return VoxlaneServer(service, config)
 

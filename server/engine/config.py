@@ -7,9 +7,10 @@ from typing import Literal
 
 from voxlane.errors import OutOfRangeError
 
-__all__ = ["EngineConfig", "EvictionPolicy", "SamplingParams"]
+__all__ = ["AdmissionPolicy", "EngineConfig", "EvictionPolicy", "SamplingParams"]
 
 EvictionPolicy = Literal["reprefill", "reindex"]
+AdmissionPolicy = Literal["off", "refuse", "wait"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,17 @@ class EngineConfig:
     ``prefill_chunk``: most tokens one engine step prefills (prompts, re-prefilled windows and
     voice prefixes are prefilled in chunks between other requests' decode steps).
     ``num_threads``: torch intra-op threads of the engine thread (None: leave torch's setting).
+
+    Many streams: every step decodes the tokens of all requests past prefill in one batched
+    forward. ``max_batch`` caps the requests of one step (None: all); the step takes the ones
+    closest to running dry first (playback deadline). ``yield_ahead_s``: a stream more than
+    this much audio ahead of real time sits a step out while another is behind it (None: never).
+    ``admission``: ``"refuse"`` makes :meth:`SpeechEngine.open_session` raise
+    :class:`~voxlane.errors.OverloadedError` when the measured step throughput cannot keep one
+    more stream real time using at most ``realtime_headroom`` of the real-time budget (the
+    rest is left to SNAC decoding and jitter); ``"wait"`` accepts the session but holds its
+    first segment until a streaming session finishes (oldest first); ``"off"`` admits
+    everything.
     """
 
     max_context: int = 8192
@@ -80,6 +92,10 @@ class EngineConfig:
     voice_cache_bytes: int = 1 << 30
     prefill_chunk: int = 256
     num_threads: int | None = None
+    max_batch: int | None = None
+    yield_ahead_s: float | None = 2.0
+    admission: AdmissionPolicy = "off"
+    realtime_headroom: float = 0.7
 
     def __post_init__(self) -> None:
         if self.max_context < 16:
@@ -94,5 +110,13 @@ class EngineConfig:
             raise OutOfRangeError(f"eviction {self.eviction!r} is not 'reprefill' or 'reindex'")
         if self.prefill_chunk < 1:
             raise OutOfRangeError(f"prefill_chunk {self.prefill_chunk} is below 1")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise OutOfRangeError(f"max_batch {self.max_batch} is below 1")
+        if self.yield_ahead_s is not None and self.yield_ahead_s < 0:
+            raise OutOfRangeError(f"yield_ahead_s {self.yield_ahead_s} is negative")
+        if self.admission not in ("off", "refuse", "wait"):
+            raise OutOfRangeError(f"admission {self.admission!r} is not off, refuse or wait")
+        if not 0.0 < self.realtime_headroom <= 1.0:
+            raise OutOfRangeError(f"realtime_headroom {self.realtime_headroom} is outside (0, 1]")
         if self.voice_cache_bytes < 0:
             raise OutOfRangeError("voice_cache_bytes is negative")

@@ -1,5 +1,9 @@
 """The synchronous engine core: schedule -> execute -> update, one token per request per step.
 
+A step decodes the tokens of every scheduled request past prefill in one batched forward
+(:meth:`StepModel.decode_batch`); requests are scheduled by playback deadline (the one closest
+to running dry first) and admitted against the measured step throughput (:class:`StepStats`).
+
 Modelled on vLLM v1's ``EngineCore``: nothing here knows about asyncio. Commands enter through
 a thread-safe inbox, aborts through their own queue (drained before every request's step, so a
 cancel takes effect before that request's next token), and outputs leave through each
@@ -21,6 +25,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +41,8 @@ from voxlane.server.orpheus import (
     END_OF_AI,
     END_OF_SPEECH,
     FRAME_SIZE,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
     Frame,
     TextEncoder,
 )
@@ -45,11 +52,14 @@ from .model import KVCache, StepModel
 from .sampling import EOS_INDEX, FrameSampler
 from .voices import Voice, VoicePrefix, VoicePrefixStore
 
-__all__ = ["EngineCore", "FinishReason", "Finished", "Request", "SessionState"]
+__all__ = ["EngineCore", "FinishReason", "Finished", "Request", "SessionState", "StepStats"]
 
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["eos", "max_frames", "cancelled", "error"]
+
+#: Seconds of audio one frame plays (2,048 samples at 24 kHz = 85.3 ms).
+FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class SessionState:
     queue: deque[Request] = field(default_factory=deque)  # segments waiting, FIFO
     active: Request | None = None
     closed: bool = False
+    streamed: bool = False  # a segment of it has started (admitted, for admission "wait")
 
 
 @dataclass(eq=False)
@@ -86,6 +97,8 @@ class Request:
     params: SamplingParams
     emit: Callable[[Any], None]  # Frame | Finished | BaseException; must be thread-safe
     consumed: Callable[[], int] = lambda: 0  # frames the consumer has taken (any thread)
+    # Seconds of audio the listener holds unplayed, from whoever plays it (None: unknown).
+    playback: Callable[[], float | None] | None = None
     # Engine-thread state.
     prompt: list[int] = field(default_factory=list)
     start: int = -1  # first cache slot of this segment (-1: not started)
@@ -96,6 +109,81 @@ class Request:
     frames: int = 0
     steps: int = 0  # executed steps (prefill counts as one)
     done: bool = False
+    added_at: float = 0.0  # engine clock when the engine took the request
+    first_frame_at: float | None = None  # engine clock when its first frame was emitted
+
+    def ahead(self, now: float) -> float:
+        """Seconds of audio generated ahead of real time (negative: its listener is waiting).
+
+        With a ``playback`` hint (the pipeline's buffered audio), that plus the frames
+        generated but not taken yet. Without one, playback is assumed to start with the first
+        frame and run at real time; before the first frame the listener has been waiting since
+        the request arrived.
+        """
+        if self.playback is not None:
+            held = self.playback()
+            if held is not None:
+                return held + (self.frames - self.consumed()) * FRAME_SECONDS
+        if self.first_frame_at is None:
+            return -(now - self.added_at)
+        generated = (self.frames + len(self.codes) / FRAME_SIZE) * FRAME_SECONDS
+        return generated - (now - self.first_frame_at)
+
+
+class StepStats:
+    """Measured decode-step time per batch size (EWMA), and the capacity it implies.
+
+    Only steps that decoded and prefilled nothing else are recorded, so a sample is the cost
+    of ``B`` tokens in one batched forward (plus their heads and sampling). Missing batch sizes
+    are interpolated linearly between measured ones and extrapolated from the last two.
+    """
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.seconds: dict[int, float] = {}  # batch size -> EWMA of step seconds
+        self.lock = threading.Lock()  # written by the engine thread, read by the event loop
+
+    def record(self, batch: int, seconds: float) -> None:
+        with self.lock:
+            old = self.seconds.get(batch)
+            self.seconds[batch] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def step_seconds(self, batch: int) -> float | None:
+        """Estimated seconds of one step of ``batch`` tokens (None before any measurement)."""
+        with self.lock:
+            points = sorted(self.seconds.items())
+        if not points:
+            return None
+        for b, t in points:
+            if b == batch:
+                return t
+        if len(points) == 1:
+            b, t = points[0]
+            return t * batch / b  # no slope known: assume no batching gain (pessimistic)
+        lower = [p for p in points if p[0] < batch]
+        upper = [p for p in points if p[0] > batch]
+        if lower and upper:
+            (b0, t0), (b1, t1) = lower[-1], upper[0]
+        elif upper:
+            (b0, t0), (b1, t1) = upper[0], upper[1]
+        else:
+            (b0, t0), (b1, t1) = lower[-2], lower[-1]
+        slope = max(0.0, (t1 - t0) / (b1 - b0))
+        return max(1e-9, t0 + slope * (batch - b0))
+
+    def capacity(self, headroom: float, limit: int = 256) -> int | None:
+        """Most streams whose batched step keeps each of them real time, with ``headroom``
+        (fraction of the real-time budget the engine may use). None before any measurement."""
+        budget = FRAME_SECONDS / FRAME_SIZE * headroom  # seconds per step to stay real time
+        if self.step_seconds(1) is None:
+            return None
+        n = 0
+        while n < limit:
+            t = self.step_seconds(n + 1)
+            if t is None or t > budget:
+                break
+            n += 1
+        return n
 
 
 def _noop(core: EngineCore) -> None:
@@ -105,10 +193,18 @@ def _noop(core: EngineCore) -> None:
 class EngineCore:
     """Owns the model, the voice store and every session; single-threaded by design."""
 
-    def __init__(self, model: StepModel, encode: TextEncoder, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: StepModel,
+        encode: TextEncoder,
+        config: EngineConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.model = model
         self.encode = encode
         self.config = config
+        self.clock = clock
+        self.stats = StepStats()
         self.voices = VoicePrefixStore(config.voice_cache_bytes)
         self.sessions: dict[int, SessionState] = {}
         self.requests: dict[int, Request] = {}  # every unfinished request, active or queued
@@ -195,6 +291,7 @@ class EngineCore:
             req.emit(EngineError("the session is closed"))
             return
         self.requests[req.id] = req
+        req.added_at = self.clock()
         req.session.queue.append(req)
 
     @torch.inference_mode()
@@ -237,12 +334,34 @@ class EngineCore:
         self.voices.put(voice.key, entry)
         return entry
 
+    @torch.inference_mode()
+    def calibrate(
+        self, batches: tuple[int, ...] = (1, 2, 4, 8), steps: int = 4, context: int = 256
+    ) -> None:
+        """Measure batched decode steps (forward, legal-row heads, sampling) on scratch caches
+        of ``context`` tokens, so admission has a capacity before the first stream runs.
+        Live steps keep refining the numbers (:class:`StepStats`)."""
+        rows = self._rows[0]
+        for b in batches:
+            caches = [self.model.new_cache(context + steps + 1) for _ in range(b)]
+            for cache in caches:
+                cache.k.zero_()
+                cache.v.zero_()
+                cache.length = context
+            samplers = [FrameSampler(SamplingParams(seed=i), self.model.device) for i in range(b)]
+            tokens = torch.full((b,), AUDIO_TOKEN_BASE, dtype=torch.long, device=self.model.device)
+            for i in range(steps + 1):
+                started = time.perf_counter()
+                hidden = self.model.decode_batch(caches, tokens)
+                logits = hidden @ rows.T
+                for row, sampler in zip(logits, samplers, strict=True):
+                    sampler.sample(row, 0)
+                if i:  # the first step of a size pays one-off allocation costs
+                    self.stats.record(b, time.perf_counter() - started)
+
     # -- the loop -----------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self._jobs) or any(
-            (s.active is not None and not self._paused(s.active)) or (s.active is None and s.queue)
-            for s in self.sessions.values()
-        )
+        return bool(self._jobs) or bool(self._schedule())
 
     def _paused(self, req: Request) -> bool:
         """True while ``req``'s consumer has not taken ``max_frames_ahead`` of its frames.
@@ -291,7 +410,8 @@ class EngineCore:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Drain commands and aborts, then one step of every active request (round-robin)."""
+        """Drain commands and aborts, then one step of every scheduled request: prefill chunks
+        one request at a time, then one batched decode forward for all the others."""
         while True:
             try:
                 command = self._inbox.get_nowait()
@@ -310,13 +430,89 @@ class EngineCore:
                 self._jobs.remove(job)
                 done(exc)
         batch = self._schedule()
-        for req in batch:  # a later batched forward would take this list whole
+        started = time.perf_counter()
+        ready: list[Request] = []
+        other_work = bool(self._jobs)
+        for req in batch:
+            self._drain_aborts()
+            if req.done:
+                continue
+            if req.hidden is not None:
+                ready.append(req)
+                continue
+            other_work = True
+            try:
+                self._execute_step(req)  # starting or prefilling: its own forward
+            except Exception as exc:  # this request only; the engine keeps serving
+                self._fail(req, exc)
+        logits = self._heads(ready)
+        decode: list[tuple[Request, int]] = []
+        for req in ready:
             self._drain_aborts()
             if req.done:
                 continue
             try:
-                self._execute_step(req)
-            except Exception as exc:  # this request only; the engine keeps serving
+                token = self._sample_step(req, logits[req.id])
+            except Exception as exc:
+                self._fail(req, exc)
+                continue
+            if token is not None:
+                decode.append((req, token))
+        if decode:
+            self._decode(decode)
+            if not other_work:
+                self.stats.record(len(decode), time.perf_counter() - started)
+
+    def _heads(self, reqs: list[Request]) -> dict[int, Tensor]:
+        """Legal-row logits of each request at its own frame position: one matmul per
+        position for all the requests there (``[n, D] @ [D, 4096]``), plus the EOS row where
+        EOS is legal."""
+        groups: dict[int, list[Request]] = {}
+        for req in reqs:
+            groups.setdefault(len(req.codes), []).append(req)
+        out: dict[int, Tensor] = {}
+        for position, group in groups.items():
+            hidden = torch.stack([req.hidden for req in group])  # type: ignore[misc]
+            logits = hidden @ self._rows[position].T  # [n, 4096]
+            eos = hidden @ self._eos_row.T if position == 0 else None  # [n, 1]
+            for i, req in enumerate(group):
+                if eos is not None and req.frames > 0:
+                    out[req.id] = torch.cat((logits[i], eos[i]))  # [4097]
+                else:
+                    out[req.id] = logits[i]
+        return out
+
+    def _decode(self, batch: list[tuple[Request, int]]) -> None:
+        """Append each request's sampled token in one batched forward.
+
+        If the batched forward fails, each request is retried alone so that a failure stays
+        with the request that caused it (nothing was committed: cache lengths move only at
+        the end of a forward).
+        """
+        self._drain_aborts()  # a cancel that arrived while sampling: no forward for it
+        batch = [(req, token) for req, token in batch if not req.done]
+        if not batch:
+            return
+        if len(batch) > 1:
+            states = [req.session for req, _ in batch]
+            try:
+                for state in states:
+                    assert state.cache is not None and state.cache.length == len(state.tokens)
+                hidden = self.model.decode_batch(
+                    [state.cache for state in states],  # type: ignore[misc]
+                    torch.tensor([t for _, t in batch], dtype=torch.long, device=self.model.device),
+                )
+            except Exception:
+                log.debug("batched decode failed; retrying its requests one by one", exc_info=True)
+            else:
+                for b, (req, token) in enumerate(batch):
+                    req.session.tokens.append(token)
+                    req.hidden = hidden[b]
+                return
+        for req, token in batch:
+            try:
+                req.hidden = self._append(req.session, [token])
+            except Exception as exc:
                 self._fail(req, exc)
 
     def _execute(self, command: Callable[[EngineCore], None] | None) -> None:
@@ -329,13 +525,51 @@ class EngineCore:
             log.exception("engine command failed")
 
     def _schedule(self) -> list[Request]:
-        batch: list[Request] = []
+        """The requests of this step, the one closest to running dry first.
+
+        Streams more than ``yield_ahead_s`` of audio ahead of real time sit this step out while
+        another stream is behind that mark (its listener is waiting or about to); at most
+        ``max_batch`` requests step, so under overload the streams most behind go first and
+        every stream gets its turn as it falls behind (fair by deadline).
+        """
+        ready: list[Request] = []
         for state in self.sessions.values():
             if state.active is None and state.queue:
                 state.active = state.queue.popleft()
             if state.active is not None and not self._paused(state.active):
-                batch.append(state.active)
-        return batch
+                ready.append(state.active)
+        ready = self._admit(ready)
+        if len(ready) < 2:
+            return ready
+        now = self.clock()
+        ahead = {req.id: req.ahead(now) for req in ready}
+        ready.sort(key=lambda r: ahead[r.id])  # stable: ties keep session order
+        limit = self.config.yield_ahead_s
+        if limit is not None and ahead[ready[0].id] < limit:
+            ready = [r for r in ready if ahead[r.id] <= limit]
+        if self.config.max_batch is not None:
+            ready = ready[: self.config.max_batch]
+        return ready
+
+    def _admit(self, ready: list[Request]) -> list[Request]:
+        """Admission ``"wait"``: hold the first segment of new sessions (oldest first admitted)
+        while the measured capacity is taken by sessions already streaming. One stream is
+        always admitted when nothing streams, so the engine cannot stall."""
+        if self.config.admission != "wait":
+            return ready
+        new = [r for r in ready if not r.session.streamed]
+        if not new:
+            return ready
+        cap = self.stats.capacity(self.config.realtime_headroom)
+        if cap is None:
+            return ready
+        busy = sum(
+            1 for s in self.sessions.values() if s.streamed and (s.active is not None or s.queue)
+        )
+        room = max(cap, 0 if busy else 1) - busy
+        new.sort(key=lambda r: r.added_at)
+        held = {r.id for r in new[max(0, room) :]}
+        return [r for r in ready if r.id not in held]
 
     def _drain_aborts(self) -> None:
         while True:
@@ -349,28 +583,33 @@ class EngineCore:
 
     # -- execute + update ---------------------------------------------------------------
     def _execute_step(self, req: Request) -> None:
+        """One step of ``req`` alone: a prefill chunk, or a token and its forward."""
+        if req.start < 0 or req.hidden is None:
+            req.steps += 1
+            if req.start < 0:
+                self._start_segment(req)
+            else:  # prompt (and re-prefilled window) still being prefilled
+                self._prefill_chunk(req)
+            return
+        token = self._sample_step(req, self._heads([req])[req.id])
+        if token is not None:
+            req.hidden = self._append(req.session, [token])
+
+    def _sample_step(self, req: Request, logits: Tensor) -> int | None:
+        """Sample ``req``'s next token from its legal-row ``logits`` (emitting a frame it
+        completes); the token to append, or None if the segment closed."""
         req.steps += 1
-        if req.start < 0:
-            self._start_segment(req)
-            return
-        if req.hidden is None:  # prompt (and re-prefilled window) still being prefilled
-            self._prefill_chunk(req)
-            return
         state = req.session
         position = len(req.codes)
         hidden = req.hidden
         assert hidden is not None and state.cache is not None and req.sampler is not None
         if position == 0 and req.frames >= req.params.max_frames:
             self._close_segment(req, "max_frames")
-            return
-        rows = self._rows[position]  # [4096, D] view
-        logits = rows @ hidden  # [4096]
-        if position == 0 and req.frames > 0:
-            logits = torch.cat((logits, self._eos_row @ hidden))  # [4097]
+            return None
         index = req.sampler.sample(logits, position)
         if index == EOS_INDEX:
             self._close_segment(req, "eos")
-            return
+            return None
         req.codes.append(index)
         token = AUDIO_TOKEN_BASE + position * CODEBOOK_SIZE + index
         if len(req.codes) == FRAME_SIZE:
@@ -378,8 +617,11 @@ class EngineCore:
             req.codes = []
             req.frames += 1
             req.sampler.push_frame(frame)
+            if req.first_frame_at is None:
+                req.first_frame_at = self.clock()
             req.emit(frame)  # before the forward: the frame is final once sampled
-        req.hidden = self._append(state, [token])
+        req.hidden = None  # consumed; the forward of ``token`` sets the next one
+        return token
 
     def _start_segment(self, req: Request) -> None:
         state = req.session
@@ -406,6 +648,7 @@ class EngineCore:
         if drop:
             self._evict(state, drop)
         req.start = len(state.tokens)
+        state.streamed = True
         state.tokens.extend(req.prompt)
         req.sampler = FrameSampler(req.params, self.model.device)
         self._prefill_chunk(req)

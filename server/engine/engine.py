@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from voxlane.errors import EngineError
+from voxlane.errors import EngineError, OverloadedError
 from voxlane.server.orpheus import Frame, TextEncoder
 
 from .config import EngineConfig, SamplingParams
@@ -139,8 +139,17 @@ class Session:
     def id(self) -> int:
         return self._state.id
 
-    def generate(self, text: str, params: SamplingParams | None = None) -> FrameStream:
+    def generate(
+        self,
+        text: str,
+        params: SamplingParams | None = None,
+        *,
+        playback: Callable[[], float | None] | None = None,
+    ) -> FrameStream:
         """Speak ``text`` after this session's earlier segments (queued behind them).
+
+        ``playback`` (optional, called from the engine thread): seconds of audio the listener
+        holds unplayed, or None when unknown; the engine schedules by it (most behind first).
 
         Must be called from a running event loop. Returns at once; iterate the stream.
         """
@@ -162,6 +171,7 @@ class Session:
             params=params or SamplingParams(),
             emit=emit,
             consumed=stream._progress.read,
+            playback=playback,
         )
         stream._progress.generated = lambda: req.frames
         engine._core.submit(lambda core: core.add_request(req))
@@ -171,6 +181,7 @@ class Session:
         """Cancel pending segments and free the session's cache."""
         if not self.closed:
             self.closed = True
+            self._engine._open_sessions -= 1
             sid = self._state.id
             self._engine._core.submit(lambda core: core.close_session(sid))
 
@@ -190,6 +201,7 @@ class SpeechEngine:
         self.encode: TextEncoder = lm.encode
         self._core = EngineCore(StepModel(lm.model), self.encode, self.config)
         self._thread: threading.Thread | None = None
+        self._open_sessions = 0  # sessions opened and not closed (event-loop side)
 
     @classmethod
     def from_pretrained(
@@ -209,10 +221,37 @@ class SpeechEngine:
     def start(self) -> None:
         """Start the engine thread (idempotent)."""
         if self._thread is None:
+            if self.config.admission != "off":
+                # Measure the batched step before the first turn asks for admission.
+                self._core.submit(lambda core: core.calibrate())
             self._thread = threading.Thread(
                 target=self._core.run, name="voxlane-engine", daemon=True
             )
             self._thread.start()
+
+    # -- capacity -----------------------------------------------------------------------
+    @property
+    def active_sessions(self) -> int:
+        """Sessions opened and not closed yet (each may be speaking)."""
+        return self._open_sessions
+
+    def capacity(self) -> int | None:
+        """Most streams the measured batched step keeps real time (with
+        ``config.realtime_headroom``); None until a step was measured."""
+        return self._core.stats.capacity(self.config.realtime_headroom)
+
+    def check_admission(self) -> None:
+        """Raise :class:`~voxlane.errors.OverloadedError` if one more stream would exceed the
+        measured capacity (only with ``config.admission == "refuse"``). A stream is always
+        admitted when none is open: refusing it would help no one."""
+        if self.config.admission != "refuse":
+            return
+        cap = self.capacity()
+        if cap is not None and self._open_sessions >= max(cap, 1):
+            raise OverloadedError(
+                f"the speech engine keeps {cap} streams real time and {self._open_sessions}"
+                " are active: try again when one finishes"
+            )
 
     async def aclose(self) -> None:
         """Stop the engine thread after its current step; pending streams are cancelled."""
@@ -261,10 +300,16 @@ class SpeechEngine:
         return voice
 
     def open_session(self, voice: Voice, *, window_segments: int | None = None) -> Session:
-        """A new session; ``window_segments`` (K) defaults to ``config.window_segments``."""
+        """A new session; ``window_segments`` (K) defaults to ``config.window_segments``.
+
+        With ``config.admission == "refuse"``, raises :class:`~voxlane.errors.OverloadedError`
+        when the engine cannot keep one more stream real time (:meth:`check_admission`).
+        """
         self._check_running()
+        self.check_admission()
         # Built here so the handle exists at once; the engine thread registers it, allocating
         # its cache and copying the voice prefix in before the first turn arrives.
         state = self._core.make_session(voice, window_segments)
         self._core.submit(lambda core: core.register_session(state))
+        self._open_sessions += 1
         return Session(self, state)

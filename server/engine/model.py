@@ -165,6 +165,58 @@ class StepModel:
         cache.length = end
         return self.norm(x)
 
+    @torch.inference_mode()
+    def decode_batch(self, caches: list[KVCache], tokens: Tensor) -> Tensor:
+        """One decode step of ``B`` independent sequences: ``tokens[b]`` (``[B]``) is appended
+        to ``caches[b]`` at that cache's own position.
+
+        Embeddings, projections, norms and MLPs run batched (``[B, 1, D]``); attention runs per
+        sequence over its own cache (one SDPA of ``[1, H, 1, D]`` against its valid slots), so
+        caches of different lengths need no padding, masks or copies. Row ``b`` equals
+        :meth:`forward` of ``tokens[b]`` alone up to float rounding. Returns ``[B, D_model]``.
+        """
+        bsz = tokens.shape[0]
+        if bsz != len(caches):
+            raise EngineError(f"{bsz} tokens for {len(caches)} caches")
+        starts = [c.length for c in caches]
+        for c, s in zip(caches, starts, strict=True):
+            if s + 1 > c.capacity:
+                raise ContextOverflowError(f"1 more token after {s} does not fit {c.capacity}")
+            if c.k.shape[1] != 1:
+                raise EngineError("decode_batch needs caches of batch size 1")
+        positions = torch.tensor(starts, device=self.device).unsqueeze(1)  # [B, 1]
+        x = self.embed(tokens.view(bsz, 1))  # [B, 1, D_model]
+        cos, sin = self.rotary(x, positions)  # [B, 1, D]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D]
+        h, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            a = layer.input_layernorm(x)
+            q = attn.q_proj(a).view(bsz, 1, h, d).transpose(1, 2)  # [B, H, 1, D]
+            k = attn.k_proj(a).view(bsz, 1, hk, d).transpose(1, 2)  # [B, Hkv, 1, D]
+            v = attn.v_proj(a).view(bsz, 1, hk, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            outs = []
+            for b, (cache, s) in enumerate(zip(caches, starts, strict=True)):
+                cache.k[i, 0, :, s] = k[b, :, 0]
+                cache.v[i, 0, :, s] = v[b, :, 0]
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[b : b + 1],
+                        cache.k[i, :, :, : s + 1],
+                        cache.v[i, :, :, : s + 1],
+                        scale=attn.scaling,
+                        enable_gqa=True,
+                    )
+                )  # [1, H, 1, D]
+            o = torch.cat(outs)  # [B, H, 1, D]
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, 1, h * d))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for cache, s in zip(caches, starts, strict=True):
+            cache.length = s + 1
+        return self.norm(x)[:, 0]
+
     # -- eviction ------------------------------------------------------------------------
     @torch.inference_mode()
     def evict(self, cache: KVCache, start: int, stop: int) -> None:

@@ -498,6 +498,35 @@ async def test_turn_errors_are_reported_and_the_session_survives(
     assert 'voxlane_turns_total{reason="error"} 2.0' in text.splitlines()
 
 
+async def test_a_turn_beyond_measured_capacity_is_refused_as_overloaded(
+    start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from voxlane.server.engine.core import StepStats
+
+    server = await start_server()
+    engine = server.service.engine
+    async with connect(server) as client:
+        await configure(client, sampling=SHORT)
+        other = engine.open_session(engine.builtin_voice("leo"))  # another stream is open
+        slow = StepStats()
+        slow.record(1, 0.01)
+        slow.record(2, 10.0)  # measured: one stream fits real time, two do not
+        refuse = dataclasses.replace(engine.config, admission="refuse")
+        monkeypatch.setattr(engine, "config", refuse)
+        monkeypatch.setattr(engine._core, "stats", slow)
+        await client.send(type="turn.start", turn_id="busy", text="Hello.", end=True)
+        await client.expect("turn.started")
+        error = await client.expect("error")
+        assert (error.code, error.turn_id, error.fatal) == ("overloaded", "busy", False)
+        assert (await client.expect("turn.done")).reason == "error"
+        other.close()  # the other stream ended: room for this session's next turn
+        assert (await client.speak("after", "Room again.")).done.reason == "completed"
+        monkeypatch.undo()
+        assert (await client.speak("fine", "Back to normal.")).done.reason == "completed"
+
+
 async def test_oversize_messages_close_with_1009(start_server: Any, connect: Any) -> None:
     server = await start_server(limits=Limits(max_message_bytes=2048, max_clone_bytes=4096))
     async with connect(server) as client:  # over the protocol limit: typed fatal error

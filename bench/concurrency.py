@@ -1,0 +1,182 @@
+"""Many streams at once: batched-decode throughput, real-time streams, first audio under load.
+
+Everything runs on the ``--model`` demo LM (default ``small``) in one process; the engine
+thread and the codec thread get ``--threads`` torch threads each. Only ratios from one run mean
+anything (the box is shared).
+
+- ``tokens_per_s``: aggregate audio tokens/s of the engine alone (no SNAC) with 1, 2, 4 and 8
+  streams started together, each generating ``--frames`` frames of its own text and seed (a
+  stream's consumer takes every frame at once). Wall time from the first ``generate`` to the
+  last frame, prefill included; the counts are interleaved ``--rounds`` times and each keeps
+  its best round (load from other processes only ever slows a round down).
+  ``throughput_8_vs_1`` is 8 streams over 1. ``lm_realtime_streams``: the largest of those
+  counts whose frames (engine alone, no SNAC) all arrived before a listener playing from each
+  stream's first frame needed them, in some round.
+- ``realtime_streams``: the most turns started together (1, 2, 3, ...) that the whole server
+  path keeps real time: :class:`TurnPipeline` per turn (segmenter, engine, streaming SNAC
+  decoder on the shared codec thread, 40 ms chunks), counting underruns against a client that
+  plays from the first chunk on. The first count with an underrun stops the search.
+- ``first_audio_p50_ms`` / ``first_audio_p95_ms``: first text to first chunk of the turns of
+  that last real-time run (``--repeats`` runs at that load, pooled).
+- ``capacity_estimate``: the streams the engine's own measurement (calibration plus live
+  steps, ``realtime_headroom`` 1.0) says it keeps real time, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any
+
+from voxlane.server.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
+TEXT = "Hey there, my name is Tara, and I am a speech model that talks to many people at once"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="small", help="demo LM size")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per thread")
+    parser.add_argument("--frames", type=int, default=24, help="frames per throughput stream")
+    parser.add_argument("--turn-frames", type=int, default=48, help="frames per real-time turn")
+    parser.add_argument("--max-streams", type=int, default=8, help="real-time search bound")
+    parser.add_argument("--repeats", type=int, default=2, help="runs at the real-time load")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved throughput rounds")
+    parser.add_argument("--seed", type=int, default=1)
+
+
+async def _throughput(engine: Any, n: int, frames: int, seed: int) -> dict[str, float]:
+    from voxlane.server.engine import SamplingParams
+
+    voice = engine.builtin_voice("tara")
+    sessions = [engine.open_session(voice, window_segments=0) for _ in range(n)]
+
+    async def one(i: int) -> tuple[int, int]:
+        params = SamplingParams(max_frames=frames, seed=seed + i)
+        count, stalls, start = 0, 0, 0.0
+        async for _ in sessions[i].generate(f"{TEXT} number {i}.", params):
+            now = time.perf_counter()
+            if count == 0:
+                start = now
+            elif now > start + count * FRAME_SECONDS:  # the listener ran dry: it stalls
+                stalls += 1
+                start = now - count * FRAME_SECONDS
+            count += 1
+        return count, stalls
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    for s in sessions:
+        s.close()
+    total = sum(c for c, _ in results)
+    return {
+        "streams": n,
+        "frames": total,
+        "wall_s": wall,
+        "tokens_per_s": 7 * total / wall,
+        "lm_underruns": sum(u for _, u in results),
+    }
+
+
+async def _turns(service: Any, n: int, frames: int, seed: int) -> list[dict[str, Any]]:
+    from voxlane.server.app import DecoderSettings
+    from voxlane.server.engine import SamplingParams
+    from voxlane.server.pipeline import TurnPipeline
+    from voxlane.server.text.segmenter import Segmenter
+
+    engine = service.engine
+    settings = DecoderSettings()
+
+    async def one(i: int) -> dict[str, Any]:
+        session = engine.open_session(engine.builtin_voice("tara"), window_segments=0)
+        params = SamplingParams(max_frames=frames, seed=seed + i)
+        pipeline = TurnPipeline(
+            speak=lambda text: session.generate(text, params),
+            new_decoder=lambda: service.new_decoder(settings),
+            decode_executor=service.codec_executor,
+            segmenter=Segmenter(),
+        )
+        pipeline.push_text(f"{TEXT} number {i}.")
+        pipeline.end_text()
+        async for _ in pipeline.events():
+            pass
+        session.close()
+        return pipeline.metrics.as_dict()
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from voxlane.server.app import SpeechService
+    from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
+    from voxlane.server.engine import EngineConfig
+
+    torch.set_num_threads(args.threads)
+    service = SpeechService.load(
+        str(ensure_demo_lm(args.model)),
+        str(ensure_demo_snac()),
+        engine_config=EngineConfig(num_threads=args.threads, max_context=2048),
+        codec_threads=args.threads,
+    )
+    service.codec.noise = False
+    engine = service.engine
+    result: dict[str, Any] = {"model": args.model, "threads": args.threads}
+    try:
+        await _throughput(engine, 1, 4, args.seed)  # warm-up
+        runs: dict[int, dict[str, float]] = {}
+        lm_realtime = 0
+        for _ in range(args.rounds):
+            for n in (1, 2, 4, 8):
+                r = await _throughput(engine, n, args.frames, args.seed)
+                if r["lm_underruns"] == 0:
+                    lm_realtime = max(lm_realtime, n)
+                if n not in runs or r["tokens_per_s"] > runs[n]["tokens_per_s"]:
+                    runs[n] = r
+        rate = {n: r["tokens_per_s"] for n, r in runs.items()}
+        result["throughput"] = list(runs.values())
+        result["tokens_per_s"] = {str(k): round(v, 1) for k, v in rate.items()}
+        result["throughput_8_vs_1"] = round(rate[8] / rate[1], 2)
+        result["lm_realtime_streams"] = lm_realtime
+
+        engine._core.calibrate()
+        result["capacity_estimate"] = engine._core.stats.capacity(1.0)
+        result["step_ms_by_batch"] = {
+            str(b): round(t * 1000, 2) for b, t in sorted(engine._core.stats.seconds.items())
+        }
+
+        await _turns(service, 1, 8, args.seed)  # warm-up of the codec path
+        best, best_metrics, searched = 0, [], []
+        for n in range(1, args.max_streams + 1):
+            metrics = await _turns(service, n, args.turn_frames, args.seed)
+            underruns = sum(m["underruns"] for m in metrics)
+            searched.append({"streams": n, "underruns": underruns})
+            if underruns:
+                break
+            best, best_metrics = n, metrics
+        result["realtime_search"] = searched
+        result["realtime_streams"] = best
+        if best:
+            for _ in range(args.repeats - 1):
+                best_metrics += await _turns(service, best, args.turn_frames, args.seed)
+            ttfa = [m["ttfa_s"] * 1000 for m in best_metrics if m["ttfa_s"] is not None]
+            result["first_audio_p50_ms"] = round(statistics.median(ttfa), 1)
+            result["first_audio_p95_ms"] = round(_pct(ttfa, 0.95), 1)
+            result["rtf_at_load"] = round(max(m["rtf"] or 0.0 for m in best_metrics), 3)
+    finally:
+        await service.aclose()
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return asyncio.run(_main(args))

@@ -1,0 +1,291 @@
+"""Many streams at once: batched decode, deadline scheduling, measured capacity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voxlane.server.engine import SamplingParams, Voice
+from voxlane.server.engine.core import FRAME_SECONDS, Request, StepStats
+
+TEXTS = ["the first stream", "a second, longer stream of words", "third"]
+
+
+def submit(core, state, text, kit, **params):
+    sink = kit.Sink()
+    req = Request(
+        id=core.next_id(), session=state, text=text, params=SamplingParams(**params), emit=sink
+    )
+    core.add_request(req)
+    return req, sink
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spy_batches(core, monkeypatch) -> list[int]:
+    sizes: list[int] = []
+    real = core.model.decode_batch
+
+    def spy(caches, tokens):
+        sizes.append(len(caches))
+        return real(caches, tokens)
+
+    monkeypatch.setattr(core.model, "decode_batch", spy)
+    return sizes
+
+
+def test_decode_batch_equals_each_sequence_alone(kit, tiny_model) -> None:
+    core = kit.make_core(tiny_model)
+    model = core.model
+    caches = [model.new_cache(256) for _ in range(3)]
+    for i, cache in enumerate(caches):  # different lengths: 5, 16, 27
+        model.forward(cache, torch.arange(100, 105 + 11 * i).unsqueeze(0))
+    tokens = torch.tensor([7, 8, 9])
+    alone = []
+    for b, cache in enumerate(caches):
+        copy = type(cache)(cache.k.clone(), cache.v.clone(), cache.length)
+        alone.append(model.forward(copy, tokens[b : b + 1].view(1, 1))[0, -1])
+        assert copy.length == cache.length + 1
+    batched = model.decode_batch(caches, tokens)
+    assert [c.length for c in caches] == [6, 17, 28]
+    for b in range(3):
+        assert (batched[b] - alone[b]).abs().max().item() <= 1e-5
+
+
+def test_frames_are_the_same_alone_or_batched(kit, tiny_model, monkeypatch) -> None:
+    voice = Voice.builtin("tara")
+    alone = []
+    for i, text in enumerate(TEXTS):
+        core = kit.make_core(tiny_model)
+        req, sink = submit(core, core.new_session(voice), text, kit, max_frames=8, seed=i)
+        kit.run_until_done(core, req)
+        alone.append(sink.frames)
+    core = kit.make_core(tiny_model)
+    sizes = spy_batches(core, monkeypatch)
+    runs = [
+        submit(core, core.new_session(voice), text, kit, max_frames=8, seed=i)
+        for i, text in enumerate(TEXTS)
+    ]
+    kit.run_until_done(core, *(r for r, _ in runs))
+    assert max(sizes) == 3  # the three streams really shared forwards
+    assert [sink.frames for _, sink in runs] == alone
+    assert all(len(f) == 8 for f in alone)
+
+
+def test_cancel_inside_a_batch_stops_only_that_request(kit, tiny_model, monkeypatch) -> None:
+    voice = Voice.builtin("tara")
+    core = kit.make_core(tiny_model)
+    reference = []
+    for i, text in enumerate(TEXTS):
+        c = kit.make_core(tiny_model)
+        req, sink = submit(c, c.new_session(voice), text, kit, max_frames=6, seed=i)
+        kit.run_until_done(c, req)
+        reference.append(sink.frames)
+    sizes = spy_batches(core, monkeypatch)
+    runs = [
+        submit(core, core.new_session(voice), text, kit, max_frames=6, seed=i)
+        for i, text in enumerate(TEXTS)
+    ]
+    for _ in range(10):
+        core.step()
+    assert sizes[-1] == 3
+    victim, victim_sink = runs[1]
+    steps = [r.steps for r, _ in runs]
+    core.abort(victim.id)
+    core.step()
+    assert victim.steps == steps[1]  # not one more token
+    assert victim_sink.finished.reason == "cancelled"
+    assert victim.session.cache.length == len(victim.session.tokens) == 0  # rolled back
+    assert [runs[0][0].steps, runs[2][0].steps] == [steps[0] + 1, steps[2] + 1]
+    assert sizes[-1] == 2
+    kit.run_until_done(core, runs[0][0], runs[2][0])
+    assert runs[0][1].frames == reference[0] and runs[2][1].frames == reference[2]
+
+
+def test_a_failure_inside_a_batch_stays_with_its_request(kit, tiny_model, monkeypatch) -> None:
+    core = kit.make_core(tiny_model)
+    a = core.new_session(Voice.builtin("tara"))
+    b = core.new_session(Voice.builtin("leo"))
+    good, good_sink = submit(core, a, "fine", kit, max_frames=6, seed=1)
+    bad, bad_sink = submit(core, b, "doomed", kit, max_frames=6, seed=1)
+    for _ in range(4):
+        core.step()
+    real_forward, real_batch = core.model.forward, core.model.decode_batch
+
+    def broken_forward(cache, tokens):
+        if cache is b.cache:
+            raise RuntimeError("boom")
+        return real_forward(cache, tokens)
+
+    def broken_batch(caches, tokens):
+        if any(c is b.cache for c in caches):
+            raise RuntimeError("boom")
+        return real_batch(caches, tokens)
+
+    monkeypatch.setattr(core.model, "forward", broken_forward)
+    monkeypatch.setattr(core.model, "decode_batch", broken_batch)
+    core.step()
+    assert bad.done and "boom" in str(bad_sink.error)
+    assert not good.done
+    kit.run_until_done(core, good)
+    assert good_sink.finished.reason == "max_frames" and len(good_sink.frames) == 6
+    assert b.cache.length == len(b.tokens) == 0
+
+
+def test_under_overload_the_stream_most_behind_goes_first(kit, tiny_model) -> None:
+    # One request per step and a clock that runs faster than the engine: every stream falls
+    # behind, and deadline order shares the steps out evenly (session order would starve).
+    clock = FakeClock()
+    core = kit.make_core(tiny_model, max_batch=1)
+    core.clock = clock
+    runs = [
+        submit(core, core.new_session(Voice.builtin("tara")), t, kit, max_frames=100, seed=i)
+        for i, t in enumerate(TEXTS)
+    ]
+    for _ in range(300):
+        core.step()
+        clock.now += 0.05
+    frames = [len(sink.frames) for _, sink in runs]
+    lag = [req.ahead(clock.now) for req, _ in runs]
+    assert min(frames) >= 3 and all(x < 0 for x in lag)  # everyone is behind real time...
+    assert max(lag) - min(lag) <= 2 * FRAME_SECONDS / 7  # ...by the same amount, within a step
+
+
+def test_a_stream_far_ahead_yields_to_one_behind(kit, tiny_model) -> None:
+    clock = FakeClock()
+    core = kit.make_core(tiny_model, yield_ahead_s=1.0, max_frames_ahead=None)
+    core.clock = clock
+    ahead, ahead_sink = submit(
+        core, core.new_session(Voice.builtin("tara")), "ahead", kit, max_frames=60, seed=1
+    )
+    while len(ahead_sink.frames) < 14:  # 14 frames = 1.2 s of audio in no time
+        core.step()
+    assert ahead.ahead(clock.now) > 1.0
+    _, behind_sink = submit(
+        core, core.new_session(Voice.builtin("leo")), "behind", kit, max_frames=60, seed=2
+    )
+    steps = ahead.steps
+    for _ in range(7 * 3):
+        core.step()
+    assert ahead.steps == steps  # sat out while the newcomer was behind it
+    assert len(behind_sink.frames) == 2
+    clock.now += 1.0  # the far-ahead stream's listener caught up: both step again
+    core.step()
+    assert ahead.steps == steps + 1
+
+
+def test_step_stats_capacity_from_measured_batches() -> None:
+    stats = StepStats(alpha=1.0)
+    assert stats.capacity(1.0) is None
+    budget = FRAME_SECONDS / 7  # 12.2 ms per token to stay real time
+    stats.record(1, budget * 0.3)
+    assert stats.capacity(1.0) == 3  # one point: no batching gain assumed
+    stats.record(4, budget * 0.6)  # slope 0.1 budget per extra stream
+    assert stats.step_seconds(2) == pytest.approx(budget * 0.4)
+    assert stats.capacity(1.0) == 8
+    assert stats.capacity(0.5) == 3
+
+
+async def test_admission_refuses_beyond_measured_capacity(kit, tiny_lm) -> None:
+    from voxlane.errors import OverloadedError
+    from voxlane.server.engine import EngineConfig, SpeechEngine
+
+    engine = SpeechEngine(tiny_lm, EngineConfig(max_context=256, admission="refuse"))
+    engine.start()
+    try:
+        voice = engine.builtin_voice("tara")
+        session = engine.open_session(voice)  # calibrated (or not yet): this one fits
+        async for _ in session.generate("hello", SamplingParams(max_frames=2, seed=1)):
+            pass
+        assert engine.capacity() is not None  # calibrated at start
+        # Pretend the measured step is slower than real time allows beyond one stream.
+        budget = FRAME_SECONDS / 7 * engine.config.realtime_headroom
+        engine._core.stats = StepStats(alpha=1.0)
+        engine._core.stats.record(1, budget * 0.9)
+        engine._core.stats.record(2, budget * 1.5)
+        assert engine.capacity() == 1 and engine.active_sessions == 1
+        with pytest.raises(OverloadedError) as info:
+            engine.open_session(voice)
+        assert info.value.code == "overloaded"
+        session.close()  # a stream finished: there is room again
+        engine._core.stats.record(1, 10.0)  # even with no room at all, one stream is admitted
+        assert engine.capacity() == 0
+        other = engine.open_session(voice)
+        frames = [f async for f in other.generate("again", SamplingParams(max_frames=2, seed=2))]
+        assert len(frames) == 2
+        other.close()
+    finally:
+        await engine.aclose()
+
+
+async def test_admission_off_admits_everything(kit, tiny_lm) -> None:
+    from voxlane.server.engine import EngineConfig, SpeechEngine
+
+    engine = SpeechEngine(tiny_lm, EngineConfig(max_context=256))
+    engine.start()
+    try:
+        engine._core.stats.record(1, 10.0)  # hopelessly slow: still admitted
+        sessions = [engine.open_session(engine.builtin_voice("tara")) for _ in range(3)]
+        assert engine.active_sessions == 3
+        for s in sessions:
+            s.close()
+        assert engine.active_sessions == 0
+    finally:
+        await engine.aclose()
+
+
+def test_admission_wait_holds_new_sessions_until_a_stream_finishes(kit, tiny_model) -> None:
+    core = kit.make_core(tiny_model, admission="wait", realtime_headroom=1.0)
+    budget = FRAME_SECONDS / 7
+    core.stats = StepStats(alpha=1.0)
+    core.stats.record(1, budget * 0.5)
+    core.stats.record(2, budget * 2.0)  # capacity: one stream
+    first, first_sink = submit(
+        core, core.new_session(Voice.builtin("tara")), "first", kit, max_frames=4, seed=1
+    )
+    core.step()
+    second, second_sink = submit(
+        core, core.new_session(Voice.builtin("leo")), "second", kit, max_frames=4, seed=2
+    )
+    while not first.done:
+        core.step()
+        assert second.steps == 0  # held, not stepping beside the admitted stream
+    assert len(first_sink.frames) == 4
+    assert core.has_work()  # the held session is admitted now that the first one finished
+    kit.run_until_done(core, second)
+    assert len(second_sink.frames) == 4
+
+
+def test_the_playback_hint_decides_who_is_ahead(kit, tiny_model) -> None:
+    # A listener holding 5 s of audio (the pipeline says so) yields to one holding none,
+    # even though the engine's own clock sees both at the same point.
+    clock = FakeClock()
+    core = kit.make_core(tiny_model, yield_ahead_s=1.0, max_frames_ahead=None)
+    core.clock = clock
+    held = {"full": 5.0, "dry": 0.0}
+    runs = {}
+    for name, seed in (("full", 1), ("dry", 2)):
+        sink = kit.Sink()
+        req = Request(
+            id=core.next_id(),
+            session=core.new_session(Voice.builtin("tara")),
+            text=name,
+            params=SamplingParams(max_frames=40, seed=seed),
+            emit=sink,
+            consumed=lambda sink=sink: len(sink.frames),  # the consumer takes every frame
+            playback=lambda name=name: held[name],
+        )
+        core.add_request(req)
+        runs[name] = req
+    for _ in range(30):
+        core.step()
+    assert runs["full"].steps == 0 and runs["dry"].steps == 30
+    held["full"] = 0.5  # its listener played most of it: it steps again
+    core.step()
+    assert runs["full"].steps == 1
