@@ -352,9 +352,10 @@ class StreamingDecoder:
     give identical samples). Waiting for a chunk twice the size of the last one keeps
     playback fed only if the speech LM runs at more than twice real time. A caller that
     tracks playback passes ``push(frames, buffered_s=...)`` (audio handed out but not
-    played yet): the chunk is then also capped at the whole frames that much audio
-    covers (at least 1), so the decoder never waits for more audio than playback holds
-    (safe down to a real-time LM, at a higher cost per frame while the buffer is short).
+    played yet): the chunk is then the whole frames that much audio covers (at least 1, at
+    most ``frames_per_call``), so the decoder never waits for more audio than playback holds
+    (safe down to a real-time LM, at a higher cost per frame while the buffer is short) and
+    a later utterance with a deep buffer is decoded in full-size calls without a new ramp.
 
     ``crossfade`` (samples, default 0; needs ``left >= 1``) holds back the last samples
     of each chunk and fades them into the next call's decode of the same samples. It
@@ -423,7 +424,10 @@ class StreamingDecoder:
         """Add frames; return the float32 samples that became final (maybe none).
 
         ``buffered_s``: seconds of audio already returned that playback has not played
-        yet; when given, a decode call never waits for more frames than that covers.
+        yet; when given, a decode call takes as many frames as that covers (1 up to
+        ``frames_per_call``) instead of following the count schedule, so it never waits for
+        more audio than playback holds, and with a deep buffer it decodes in full-size calls
+        from the start of an utterance.
         Raises :class:`~voxlane.errors.InvalidTokenError` for a malformed frame
         (nothing of that push is kept).
         """
@@ -434,7 +438,10 @@ class StreamingDecoder:
         while True:
             chunk = self._chunk
             if buffered_s is not None:
-                chunk = max(1, min(chunk, int(buffered_s / _FRAME_SECONDS)))
+                # Playback holds buffered_s: decode as many frames as that covers (up to the
+                # maximum) — no need to ramp up again at every new utterance, and bigger calls
+                # cost less per frame.
+                chunk = max(1, min(self.frames_per_call, int(buffered_s / _FRAME_SECONDS)))
             if self._received - self.lookahead - self._emitted < chunk:
                 break
             out.append(self._decode(chunk, at_end=False))

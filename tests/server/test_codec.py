@@ -211,10 +211,11 @@ def test_playback_hint_keeps_chunks_within_the_buffered_audio(
     out = np.concatenate([*parts, decoder.flush()])
     # Every frame is a seam at 1 frame per call: a little under the 8-frame setting's SNR.
     assert out.shape == (len(few) * F,) and snr_db(out, codec.decode(few)) >= 75
-    # With a deep buffer the count schedule (1, 2, 4, ...) applies again.
+    # With a deep buffer (a later segment of a turn) calls are full size from the start.
     decoder = StreamingDecoder(codec, **DEFAULT_STREAMING)
-    sizes = [len(decoder.push([f], buffered_s=10.0)) // F for f in frames[:9]]
-    assert [s for s in sizes if s] == [1, 2, 4]
+    sizes = [len(decoder.push([f], buffered_s=10.0)) // F for f in frames[:12]]
+    assert [s for s in sizes if s] == [8]
+    assert sizes.index(8) == 9  # 8 frames plus 2 of lookahead were needed
 
 
 def test_reset_discards_the_utterance(codec: SnacCodec, frames) -> None:
