@@ -566,15 +566,9 @@ def add_livekit_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> LiveKitBridgeConfig:
     """The bridge configuration the ``voxlane livekit`` flags describe."""
-    options = {
-        key: value
-        for key, value in (
-            ("voice", args.voice),
-            ("chunk_ms", args.chunk_ms),
-            ("max_frames", args.max_frames),
-        )
-        if value is not None
-    }
+    from voxlane.cli import session_options
+
+    options = session_options(args, ("voice", "chunk_ms", "max_frames"))
     return LiveKitBridgeConfig(
         url=args.url,
         room=args.room,
@@ -598,20 +592,9 @@ def config_from_args(args: argparse.Namespace) -> LiveKitBridgeConfig:
 
 def run_livekit(args: argparse.Namespace) -> int:
     """``voxlane livekit``: run the bridge until SIGINT/SIGTERM or the room disconnects."""
-    import signal
+    from voxlane.cli import configure_logging, run_until_signal
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     config = config_from_args(args)
     _import_rtc()  # a clear message before anything starts
-
-    async def main() -> None:
-        bridge = LiveKitBridge(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, bridge.stop)
-        await bridge.run()
-
-    asyncio.run(main())
-    return 0
+    return run_until_signal(LiveKitBridge(config))

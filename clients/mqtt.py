@@ -869,16 +869,9 @@ def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> MqttBridgeConfig:
     """The bridge configuration the ``voxlane mqtt`` flags describe."""
-    options = {
-        key: value
-        for key, value in (
-            ("voice", args.voice),
-            ("sample_rate", args.sample_rate),
-            ("chunk_ms", args.chunk_ms),
-            ("max_frames", args.max_frames),
-        )
-        if value is not None
-    }
+    from voxlane.cli import session_options
+
+    options = session_options(args, ("voice", "sample_rate", "chunk_ms", "max_frames"))
     return MqttBridgeConfig(
         broker=args.broker,
         server=args.server,
@@ -903,20 +896,9 @@ def config_from_args(args: argparse.Namespace) -> MqttBridgeConfig:
 
 def run_mqtt(args: argparse.Namespace) -> int:
     """``voxlane mqtt``: run the bridge until SIGINT/SIGTERM (then publish offline)."""
-    import signal
+    from voxlane.cli import configure_logging, run_until_signal
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     config = config_from_args(args)
     _import_aiomqtt()  # a clear message before anything starts
-
-    async def main() -> None:
-        bridge = MqttBridge(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, bridge.stop)
-        await bridge.run()
-
-    asyncio.run(main())
-    return 0
+    return run_until_signal(MqttBridge(config))

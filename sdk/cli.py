@@ -248,6 +248,35 @@ async def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` (the ``--log-level`` of the long-running commands)."""
+    import logging
+
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def session_options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, object]:
+    """The voxlane session options among ``names`` that were given on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def run_until_signal(service: object) -> int:
+    """Run ``service.run()`` (a bridge) until SIGINT/SIGTERM call ``service.stop()``."""
+    import asyncio
+    import signal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, service.stop)  # type: ignore[attr-defined]
+        await service.run()  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+    return 0
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(prog="voxlane", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
