@@ -53,10 +53,12 @@ async def _stream_turn(url: str, key: str, args: argparse.Namespace) -> dict:
 def run_demo(args: argparse.Namespace) -> int:
     """Build the demo weights if needed, serve them, stream one turn, write a WAV."""
     import soundfile as sf
+    from transformers.utils import logging as hf_logging
 
     from voxlane.server.app import ServerConfig, SpeechService, VoxlaneServer
     from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
 
+    hf_logging.disable_progress_bar()  # the demo prints its own one-line timings
     t0 = time.perf_counter()
     lm_dir = ensure_demo_lm(args.size, args.root)
     snac_dir = ensure_demo_snac(args.root)
