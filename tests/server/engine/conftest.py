@@ -105,12 +105,25 @@ def _run_until_done(core: EngineCore, *reqs: Request, max_steps: int = 100_000) 
     raise AssertionError("requests did not finish")
 
 
+def _submit(core: EngineCore, state, text: str, **params: object) -> tuple[Request, Sink]:
+    """Queue a segment on ``state`` (from the test's thread) and the sink collecting its output."""
+    from voxlane.server.engine import SamplingParams
+
+    sink = Sink()
+    req = Request(
+        id=core.next_id(), session=state, text=text, params=SamplingParams(**params), emit=sink
+    )
+    core.add_request(req)
+    return req, sink
+
+
 @pytest.fixture(scope="session")
 def kit() -> SimpleNamespace:
     """Helpers for driving an EngineCore synchronously (no thread)."""
     return SimpleNamespace(
         make_core=_make_core,
         Sink=Sink,
+        submit=_submit,
         run_until_done=_run_until_done,
         tiny_llama=tiny_llama,
         encode=fake_encode,

@@ -11,15 +11,6 @@ from voxlane.server.engine.core import FRAME_SECONDS, Request, StepStats
 TEXTS = ["the first stream", "a second, longer stream of words", "third"]
 
 
-def submit(core, state, text, kit, **params):
-    sink = kit.Sink()
-    req = Request(
-        id=core.next_id(), session=state, text=text, params=SamplingParams(**params), emit=sink
-    )
-    core.add_request(req)
-    return req, sink
-
-
 class FakeClock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -63,13 +54,13 @@ def test_frames_are_the_same_alone_or_batched(kit, tiny_model, monkeypatch) -> N
     alone = []
     for i, text in enumerate(TEXTS):
         core = kit.make_core(tiny_model)
-        req, sink = submit(core, core.new_session(voice), text, kit, max_frames=8, seed=i)
+        req, sink = kit.submit(core, core.new_session(voice), text, max_frames=8, seed=i)
         kit.run_until_done(core, req)
         alone.append(sink.frames)
     core = kit.make_core(tiny_model)
     sizes = spy_batches(core, monkeypatch)
     runs = [
-        submit(core, core.new_session(voice), text, kit, max_frames=8, seed=i)
+        kit.submit(core, core.new_session(voice), text, max_frames=8, seed=i)
         for i, text in enumerate(TEXTS)
     ]
     kit.run_until_done(core, *(r for r, _ in runs))
@@ -84,12 +75,12 @@ def test_cancel_inside_a_batch_stops_only_that_request(kit, tiny_model, monkeypa
     reference = []
     for i, text in enumerate(TEXTS):
         c = kit.make_core(tiny_model)
-        req, sink = submit(c, c.new_session(voice), text, kit, max_frames=6, seed=i)
+        req, sink = kit.submit(c, c.new_session(voice), text, max_frames=6, seed=i)
         kit.run_until_done(c, req)
         reference.append(sink.frames)
     sizes = spy_batches(core, monkeypatch)
     runs = [
-        submit(core, core.new_session(voice), text, kit, max_frames=6, seed=i)
+        kit.submit(core, core.new_session(voice), text, max_frames=6, seed=i)
         for i, text in enumerate(TEXTS)
     ]
     for _ in range(10):
@@ -112,8 +103,8 @@ def test_a_failure_inside_a_batch_stays_with_its_request(kit, tiny_model, monkey
     core = kit.make_core(tiny_model)
     a = core.new_session(Voice.builtin("tara"))
     b = core.new_session(Voice.builtin("leo"))
-    good, good_sink = submit(core, a, "fine", kit, max_frames=6, seed=1)
-    bad, bad_sink = submit(core, b, "doomed", kit, max_frames=6, seed=1)
+    good, good_sink = kit.submit(core, a, "fine", max_frames=6, seed=1)
+    bad, bad_sink = kit.submit(core, b, "doomed", max_frames=6, seed=1)
     for _ in range(4):
         core.step()
     real_forward, real_batch = core.model.forward, core.model.decode_batch
@@ -145,7 +136,7 @@ def test_under_overload_the_stream_most_behind_goes_first(kit, tiny_model) -> No
     core = kit.make_core(tiny_model, max_batch=1)
     core.clock = clock
     runs = [
-        submit(core, core.new_session(Voice.builtin("tara")), t, kit, max_frames=100, seed=i)
+        kit.submit(core, core.new_session(Voice.builtin("tara")), t, max_frames=100, seed=i)
         for i, t in enumerate(TEXTS)
     ]
     for _ in range(300):
@@ -161,14 +152,14 @@ def test_a_stream_far_ahead_yields_to_one_behind(kit, tiny_model) -> None:
     clock = FakeClock()
     core = kit.make_core(tiny_model, yield_ahead_s=1.0, max_frames_ahead=None)
     core.clock = clock
-    ahead, ahead_sink = submit(
-        core, core.new_session(Voice.builtin("tara")), "ahead", kit, max_frames=60, seed=1
+    ahead, ahead_sink = kit.submit(
+        core, core.new_session(Voice.builtin("tara")), "ahead", max_frames=60, seed=1
     )
     while len(ahead_sink.frames) < 14:  # 14 frames = 1.2 s of audio in no time
         core.step()
     assert ahead.ahead(clock.now) > 1.0
-    _, behind_sink = submit(
-        core, core.new_session(Voice.builtin("leo")), "behind", kit, max_frames=60, seed=2
+    _, behind_sink = kit.submit(
+        core, core.new_session(Voice.builtin("leo")), "behind", max_frames=60, seed=2
     )
     steps = ahead.steps
     for _ in range(7 * 3):
@@ -246,12 +237,12 @@ def test_admission_wait_holds_new_sessions_until_a_stream_finishes(kit, tiny_mod
     core.stats = StepStats(alpha=1.0)
     core.stats.record(1, budget * 0.5)
     core.stats.record(2, budget * 2.0)  # capacity: one stream
-    first, first_sink = submit(
-        core, core.new_session(Voice.builtin("tara")), "first", kit, max_frames=4, seed=1
+    first, first_sink = kit.submit(
+        core, core.new_session(Voice.builtin("tara")), "first", max_frames=4, seed=1
     )
     core.step()
-    second, second_sink = submit(
-        core, core.new_session(Voice.builtin("leo")), "second", kit, max_frames=4, seed=2
+    second, second_sink = kit.submit(
+        core, core.new_session(Voice.builtin("leo")), "second", max_frames=4, seed=2
     )
     while not first.done:
         core.step()

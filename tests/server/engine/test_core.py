@@ -9,20 +9,10 @@ import pytest
 import torch
 
 from voxlane.errors import ContextOverflowError, EngineError
-from voxlane.server.engine import SamplingParams, Voice
-from voxlane.server.engine.core import Request
+from voxlane.server.engine import Voice
 from voxlane.server.orpheus import END_OF_AI, END_OF_SPEECH
 
 REFERENCE = [tuple((i * 7 + p) % 4096 for p in range(7)) for i in range(30)]
-
-
-def submit(core, state, text, kit, **params):
-    sink = kit.Sink()
-    req = Request(
-        id=core.next_id(), session=state, text=text, params=SamplingParams(**params), emit=sink
-    )
-    core.add_request(req)
-    return req, sink
 
 
 def hf_logits(model, tokens: list[int]) -> torch.Tensor:
@@ -38,7 +28,7 @@ def test_segment_after_reuse_and_eviction_equals_fresh_prefill(kit, tiny_model, 
     state = core.new_session(voice, window_segments=1)
     requests = []
     for i in range(4):
-        req, _ = submit(core, state, f"segment number {i}", kit, max_frames=3, seed=i)
+        req, _ = kit.submit(core, state, f"segment number {i}", max_frames=3, seed=i)
         kit.run_until_done(core, req)
         requests.append(req)
     last = requests[-1]
@@ -59,7 +49,7 @@ def test_segment_after_reuse_and_eviction_equals_fresh_prefill(kit, tiny_model, 
         assert diff <= 1e-4
         # Another session in the same voice reuses the prefilled prefix as is.
         other = core.new_session(voice)
-        req, _ = submit(core, other, "segment number 0", kit, max_frames=3, seed=0)
+        req, _ = kit.submit(core, other, "segment number 0", max_frames=3, seed=0)
         kit.run_until_done(core, req)
         assert core.voices.misses == 1 and core.voices.hits == 1
         assert torch.equal(req.prefill_hidden, requests[0].prefill_hidden)
@@ -76,7 +66,7 @@ def test_slack_batches_evictions_and_keeps_the_cache_exact(kit, tiny_model) -> N
     held, cached_at_start = [], []
     requests = []
     for i in range(5):
-        req, _ = submit(core, state, f"segment number {i}", kit, max_frames=2, seed=i)
+        req, _ = kit.submit(core, state, f"segment number {i}", max_frames=2, seed=i)
         core.step()  # starts the segment (evicting if it must) and prefills 4 tokens
         cached_at_start.append(state.cache.length)
         kit.run_until_done(core, req)
@@ -100,7 +90,7 @@ def test_same_seed_same_frames_other_seed_other_frames(kit, tiny_model) -> None:
     out = []
     for seed in (5, 5, 6):
         state = core.new_session(voice)
-        req, sink = submit(core, state, "hello there", kit, max_frames=4, seed=seed)
+        req, sink = kit.submit(core, state, "hello there", max_frames=4, seed=seed)
         kit.run_until_done(core, req)
         out.append(sink.frames)
     assert len(out[0]) == 4
@@ -111,10 +101,10 @@ def test_same_seed_same_frames_other_seed_other_frames(kit, tiny_model) -> None:
 def test_cancel_stops_before_the_next_step_and_rolls_back(kit, tiny_model) -> None:
     core = kit.make_core(tiny_model)
     state = core.new_session(Voice.builtin("tara"))
-    first, _ = submit(core, state, "kept", kit, max_frames=2, seed=1)
+    first, _ = kit.submit(core, state, "kept", max_frames=2, seed=1)
     kit.run_until_done(core, first)
     before = list(state.tokens)
-    req, sink = submit(core, state, "cancel me", kit, max_frames=50, seed=2)
+    req, sink = kit.submit(core, state, "cancel me", max_frames=50, seed=2)
     for _ in range(12):
         core.step()
     assert len(sink.frames) == 1 and not req.done
@@ -124,7 +114,7 @@ def test_cancel_stops_before_the_next_step_and_rolls_back(kit, tiny_model) -> No
     assert req.steps == steps  # not one more token
     assert req.done and sink.finished is not None and sink.finished.reason == "cancelled"
     assert state.tokens == before and state.cache.length == len(before)
-    again, sink2 = submit(core, state, "next", kit, max_frames=2, seed=3)
+    again, sink2 = kit.submit(core, state, "next", max_frames=2, seed=3)
     kit.run_until_done(core, again)
     assert sink2.finished.reason == "max_frames" and again.start == len(before)
 
@@ -135,8 +125,8 @@ def test_a_failing_request_errors_alone_and_the_engine_keeps_serving(
     core = kit.make_core(tiny_model)
     a = core.new_session(Voice.builtin("tara"))
     b = core.new_session(Voice.builtin("leo"))
-    good, good_sink = submit(core, a, "fine", kit, max_frames=6, seed=1)
-    bad, bad_sink = submit(core, b, "doomed", kit, max_frames=6, seed=1)
+    good, good_sink = kit.submit(core, a, "fine", max_frames=6, seed=1)
+    bad, bad_sink = kit.submit(core, b, "doomed", max_frames=6, seed=1)
     for _ in range(10):
         core.step()
     real = core.model.forward
@@ -152,7 +142,7 @@ def test_a_failing_request_errors_alone_and_the_engine_keeps_serving(
     assert isinstance(bad_sink.error, EngineError) and "boom" in str(bad_sink.error)
     assert good_sink.finished.reason == "max_frames" and len(good_sink.frames) == 6
     assert b.cache.length == len(b.tokens) == bad.start  # rolled back
-    retry, retry_sink = submit(core, b, "again", kit, max_frames=2, seed=1)
+    retry, retry_sink = kit.submit(core, b, "again", max_frames=2, seed=1)
     kit.run_until_done(core, retry)
     assert len(retry_sink.frames) == 2
 
@@ -160,10 +150,10 @@ def test_a_failing_request_errors_alone_and_the_engine_keeps_serving(
 def test_context_overflow_is_a_typed_error_on_that_request(kit, tiny_model) -> None:
     core = kit.make_core(tiny_model, max_context=128)
     state = core.new_session(Voice.builtin("tara"))
-    req, sink = submit(core, state, "too long", kit, max_frames=100)
+    req, sink = kit.submit(core, state, "too long", max_frames=100)
     kit.run_until_done(core, req)
     assert isinstance(sink.error, ContextOverflowError)
-    ok, ok_sink = submit(core, state, "short", kit, max_frames=3)
+    ok, ok_sink = kit.submit(core, state, "short", max_frames=3)
     kit.run_until_done(core, ok)
     assert len(ok_sink.frames) == 3
 
@@ -173,7 +163,7 @@ def test_segments_close_the_turn_and_old_segments_leave_the_context(kit, tiny_mo
     state = core.new_session(Voice.builtin("tara"), window_segments=8)
     first_k = None
     for i in range(12):  # far more audio than 256 slots: eviction beyond K keeps it bounded
-        req, sink = submit(core, state, f"s{i}", kit, max_frames=5, seed=i)
+        req, sink = kit.submit(core, state, f"s{i}", max_frames=5, seed=i)
         kit.run_until_done(core, req)
         assert sink.finished.reason == "max_frames"
         assert state.tokens[-2:] == [END_OF_SPEECH, END_OF_AI]
@@ -203,17 +193,17 @@ def test_cancel_between_prefill_chunks_keeps_the_context_exact(kit, tiny_model) 
     core = kit.make_core(tiny_model, prefill_chunk=4, window_slack=0)
     state = core.new_session(Voice.builtin("tara"), window_segments=1)
     for i in range(2):
-        req, _ = submit(core, state, f"turn {i}", kit, max_frames=2, seed=i)
+        req, _ = kit.submit(core, state, f"turn {i}", max_frames=2, seed=i)
         kit.run_until_done(core, req)
     # The third segment evicts the first: the kept one is re-prefilled 4 tokens per step.
-    req, sink = submit(core, state, "cancelled while prefilling", kit, max_frames=2)
+    req, sink = kit.submit(core, state, "cancelled while prefilling", max_frames=2)
     core.step()
     core.step()
     assert req.hidden is None and state.cache.length < len(state.tokens)
     core.abort(req.id)
     core.step()
     assert sink.finished.reason == "cancelled" and not sink.frames
-    last, _ = submit(core, state, "after the cancel", kit, max_frames=2, seed=5)
+    last, _ = kit.submit(core, state, "after the cancel", max_frames=2, seed=5)
     kit.run_until_done(core, last)
     context = state.tokens[: last.start + len(last.prompt)]
     ours = last.prefill_hidden @ core.model.head_weight.T
@@ -223,7 +213,7 @@ def test_cancel_between_prefill_chunks_keeps_the_context_exact(kit, tiny_model) 
 def test_a_voice_prefill_does_not_stall_other_sessions(kit, tiny_model) -> None:
     core = kit.make_core(tiny_model, prefill_chunk=16)
     state = core.new_session(Voice.builtin("tara"))
-    req, sink = submit(core, state, "speaking meanwhile", kit, max_frames=40, seed=1)
+    req, sink = kit.submit(core, state, "speaking meanwhile", max_frames=40, seed=1)
     core.step()  # prompt prefilled
     voice = Voice.clone(kit.encode, "a long reference", REFERENCE)
     results: list[object] = []
