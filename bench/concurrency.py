@@ -116,20 +116,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+    from bench.common import load_demo_service
 
-    from voxlane.server.app import SpeechService
-    from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
-    from voxlane.server.engine import EngineConfig
-
-    torch.set_num_threads(args.threads)
-    service = SpeechService.load(
-        str(ensure_demo_lm(args.model)),
-        str(ensure_demo_snac()),
-        engine_config=EngineConfig(num_threads=args.threads, max_context=2048),
-        codec_threads=args.threads,
-    )
-    service.codec.noise = False
+    service = load_demo_service(args.model, args.threads, max_context=2048)
     engine = service.engine
     result: dict[str, Any] = {"model": args.model, "threads": args.threads}
     try:

@@ -269,21 +269,13 @@ async def _realtime(ws: Any, turn_id: str, rate: float) -> dict[str, Any]:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
     import websockets
 
-    from voxlane.server.app import DecoderSettings, ServerConfig, SpeechService, VoxlaneServer
-    from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
-    from voxlane.server.engine import EngineConfig, SamplingParams
+    from bench.common import load_demo_service
+    from voxlane.server.app import DecoderSettings, ServerConfig, VoxlaneServer
+    from voxlane.server.engine import SamplingParams
 
-    torch.set_num_threads(args.threads)
-    service = SpeechService.load(
-        str(ensure_demo_lm(args.model)),
-        str(ensure_demo_snac()),
-        engine_config=EngineConfig(num_threads=args.threads, max_context=4096),
-        codec_threads=args.threads,
-    )
-    service.codec.noise = False
+    service = load_demo_service(args.model, args.threads, max_context=4096)
     settings = DecoderSettings()
     params = SamplingParams(max_frames=64, seed=args.seed)
     config = ServerConfig(port=0, auth=False, api_keys=(), decoder=settings)

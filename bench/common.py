@@ -1,0 +1,28 @@
+"""Helpers shared by the benchmarks (not a benchmark itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def load_demo_service(model: str, threads: int, *, max_context: int) -> Any:
+    """A started :class:`~voxlane.server.app.SpeechService` on the demo checkpoints.
+
+    ``threads`` torch intra-op threads for the caller, the engine thread and the codec thread;
+    SNAC's noise is off so decodes are deterministic.
+    """
+    import torch
+
+    from voxlane.server.app import SpeechService
+    from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
+    from voxlane.server.engine import EngineConfig
+
+    torch.set_num_threads(threads)
+    service = SpeechService.load(
+        str(ensure_demo_lm(model)),
+        str(ensure_demo_snac()),
+        engine_config=EngineConfig(num_threads=threads, max_context=max_context),
+        codec_threads=threads,
+    )
+    service.codec.noise = False
+    return service
