@@ -1,12 +1,19 @@
 """SNAC streaming decode: exactness (SNR vs a full decode) and cost vs the Orpheus reference.
 
-Every scheme decodes the same random frames (demo SNAC, noise off), fed one frame at
-a time as a speech LM would produce them. The reference scheme is the Orpheus
-streamer: once 4 frames are in, decode the last 4 and emit the 2nd frame's samples
-(it never emits the first frame nor the last two; its SNR covers the frames it emits).
-Cost: every window length the schemes decode is timed ``--repeats`` times, interleaved
-in random order, and a scheme costs the sum of its windows' median times, per second
-of audio it emits. Compare ratios from one run, not absolute times.
+Window schemes (:class:`StreamingDecoder`, and the reference): every scheme decodes the same
+random frames (demo SNAC, noise off), fed one frame at a time as a speech LM would produce them.
+The reference scheme is the Orpheus streamer: once 4 frames are in, decode the last 4 and emit
+the 2nd frame's samples (it never emits the first frame nor the last two; its SNR covers the
+frames it emits). Cost: every window length the schemes decode is timed ``--repeats`` times,
+interleaved in random order, and a scheme costs the sum of its windows' median times, per
+second of audio it emits. Compare ratios from one run, not absolute times.
+
+Exact schemes (:class:`ExactStreamingDecoder`, the server's default): decoded incrementally
+layer by layer, so their cost is timed by running them: the whole stream pushed ``per_call``
+frames at a time (1 = every frame as it arrives, the start of a turn; 8 = the steady state with
+a playback buffer), and ``streams`` streams batched in one :meth:`SnacProgram.run` per push
+(ragged batching across turns). Each exact scheme is run ``--repeats`` times interleaved with
+the others, median wall time per second of audio emitted.
 """
 
 from __future__ import annotations
@@ -142,12 +149,17 @@ def run(args: argparse.Namespace) -> dict:
         s["cost_vs_reference"] = round(s["cost_s_per_audio_s"] / ref_cost, 3)
         s["cost_s_per_audio_s"] = round(s["cost_s_per_audio_s"], 4)
 
+    schemes += _exact_schemes(codec, frames, full, ref_cost, args)
+
     def summary(name: str) -> dict:
         s = next(s for s in schemes if s["name"] == name)
         return {k: s[k] for k in ("snr_db", "cost_vs_reference", "first_audio_tokens")}
 
     return {
-        "default": summary("default"),
+        "default": summary("exact_8"),
+        "exact_per_frame": summary("exact_1"),
+        "exact_batched_4_streams_per_frame": summary("exact_1_x4"),
+        "window": summary("default"),
         "low_latency": summary("low_latency"),
         "schemes": schemes,
         "decode_s_by_window_frames": {str(w): round(median[w], 4) for w in sorted(median)},
@@ -155,3 +167,53 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "threads": args.threads,
     }
+
+
+# (per_call, streams) of the exact schemes.
+EXACT_SCHEMES = [(1, 1), (8, 1), (1, 4), (8, 4)]
+
+
+def _exact_schemes(codec, frames, full, ref_cost: float, args: argparse.Namespace) -> list[dict]:
+    from voxlane.server.snac_stream import ExactStreamingDecoder, SnacProgram
+
+    program = SnacProgram(codec)
+
+    def one_run(per_call: int, streams: int) -> tuple[float, np.ndarray]:
+        states = [program.new_stream() for _ in range(streams)]
+        out: list[np.ndarray] = []
+        t0 = time.perf_counter()
+        for i in range(0, len(frames), per_call):
+            chunk = frames[i : i + per_call]
+            out.append(program.run([(s, chunk, False) for s in states])[0])
+        out.append(program.run([(s, [], True) for s in states])[0])
+        return time.perf_counter() - t0, np.concatenate(out)
+
+    one_run(1, 1)  # warm-up
+    times: dict[tuple[int, int], list[float]] = {k: [] for k in EXACT_SCHEMES}
+    audio: dict[tuple[int, int], np.ndarray] = {}
+    order = list(EXACT_SCHEMES)
+    shuffle = random.Random(args.seed + 1)
+    for _ in range(args.repeats):
+        shuffle.shuffle(order)
+        for key in order:
+            seconds, audio[key] = one_run(*key)
+            times[key].append(seconds)
+    first_tokens = ExactStreamingDecoder(program).first_audio_tokens
+    rows = []
+    for per_call, streams in EXACT_SCHEMES:
+        pcm = audio[(per_call, streams)]
+        cost = statistics.median(times[(per_call, streams)]) / (streams * len(pcm) / SAMPLE_RATE)
+        rows.append(
+            {
+                "name": f"exact_{per_call}" + (f"_x{streams}" if streams > 1 else ""),
+                "frames_per_call": per_call,
+                "streams": streams,
+                "frames_emitted": len(pcm) // SAMPLES_PER_FRAME,
+                "snr_db": _snr_db(pcm, full),
+                "cost_s_per_audio_s": round(cost, 4),
+                "cost_vs_reference": round(cost / ref_cost, 3),
+                "first_audio_tokens": first_tokens,
+                "delay_samples": program.delay,
+            }
+        )
+    return rows

@@ -14,8 +14,9 @@ anything (the box is shared).
   stream's first frame needed them, in some round.
 - ``realtime_streams``: the most turns started together (1, 2, 3, ...) that the whole server
   path keeps real time: :class:`TurnPipeline` per turn (segmenter, engine, streaming SNAC
-  decoder on the shared codec thread, 40 ms chunks), counting underruns against a client that
-  plays from the first chunk on. The first count with an underrun stops the search.
+  decoder batched across turns on the shared codec thread, 40 ms chunks), counting underruns
+  against a client that plays from the first chunk on. The first count with an underrun stops
+  the search.
 - ``first_audio_p50_ms`` / ``first_audio_p95_ms``: first text to first chunk of the turns of
   that last real-time run (``--repeats`` runs at that load, pooled).
 - ``capacity_estimate``: the streams the engine's own measurement (calibration plus live
@@ -97,6 +98,7 @@ async def _turns(service: Any, n: int, frames: int, seed: int) -> list[dict[str,
             speak=lambda text: session.generate(text, params),
             new_decoder=lambda: service.new_decoder(settings),
             decode_executor=service.codec_executor,
+            decode_batcher=service.decode_batcher,
             segmenter=Segmenter(),
         )
         pipeline.push_text(f"{TEXT} number {i}.")

@@ -7,8 +7,8 @@ ratios from one run mean anything (the box is shared).
 
 - **floor**: the compute the first chunk cannot avoid, measured directly on the engine and the
   codec: a fresh engine session, the first segment's prefill and the audio tokens the
-  decoder's first call needs (``(first_frames_per_call + lookahead) * 7``), then that one
-  decode call. No segmenter, no pipeline, no socket.
+  decoder needs before its first sample is final (``first_audio_tokens``), then one decode
+  call of those frames. No segmenter, no pipeline, no socket.
 - **in-process**: a :class:`TurnPipeline` fed the answer text; first text to first chunk
   handed out (``metrics.ttfa_s``).
 - **socket**: a real :class:`VoxlaneServer` on loopback; a WebSocket client times
@@ -88,7 +88,7 @@ async def _floor(service: Any, settings: Any, params: Any) -> dict[str, float]:
 
     def decode_once() -> float:
         t = time.perf_counter()
-        decoder.push(frames)  # exactly the first decode call the pipeline makes
+        decoder.push(frames, buffered_s=0.0)  # nothing is playing yet: decode at once
         return time.perf_counter() - t
 
     decode_s = await asyncio.get_running_loop().run_in_executor(service.codec_executor, decode_once)
@@ -103,9 +103,10 @@ async def _floor(service: Any, settings: Any, params: Any) -> dict[str, float]:
 async def _compute_rates(service: Any, settings: Any, params: Any) -> dict[str, float]:
     """Steady-state speed of the two model threads, each measured alone.
 
-    Engine: audio tokens/s from frame 1 to frame 25 of a segment. Codec: seconds of one
-    full-size decode call (``frames_per_call`` frames plus left and right context) per second
-    of the audio it emits. Real time needs 82 tokens/s and a codec factor well below 1.
+    Engine: audio tokens/s from frame 1 to frame 25 of a segment. Codec: seconds of
+    full-size decode calls (``frames_per_call`` frames; plus left and right context for the
+    window decoder) per second of the audio they emit. Real time needs 82 tokens/s and a codec
+    factor well below 1.
     """
     engine = service.engine
     session = engine.open_session(engine.builtin_voice("tara"), window_segments=1)
@@ -123,8 +124,16 @@ async def _compute_rates(service: Any, settings: Any, params: Any) -> dict[str, 
     session.close()
     n = settings.frames_per_call
     window = (frames * 2)[: n + settings.left + settings.lookahead]
+    feed = (frames * 4)[: 8 + 3 * n]
 
     def decode() -> float:
+        if settings.mode == "exact":
+            decoder = service.new_decoder(settings)
+            decoder.push(feed[:8])  # past the start of the utterance
+            t = time.perf_counter()
+            for i in range(8, len(feed), n):
+                decoder.push(feed[i : i + n])
+            return (time.perf_counter() - t) / 3
         t = time.perf_counter()
         service.codec.decode(window)
         return time.perf_counter() - t

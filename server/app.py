@@ -26,12 +26,12 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from voxlane.errors import AudioFormatError, EngineError, VoxlaneError
+from voxlane.errors import AudioFormatError, EngineError, OutOfRangeError, VoxlaneError
 from voxlane.protocol import (
     BUILTIN_VOICES,
     CloseCode,
@@ -63,11 +63,24 @@ log = logging.getLogger("voxlane.server")
 
 @dataclass(frozen=True)
 class DecoderSettings:
-    """Streaming SNAC decoder settings (see :class:`voxlane.server.codec.StreamingDecoder`)."""
+    """Streaming SNAC decoder settings.
 
+    ``mode="exact"`` (default): :class:`voxlane.server.snac_stream.ExactStreamingDecoder`,
+    layer-by-layer incremental decoding equal to a full decode, batched across the turns of the
+    service (first audio after 3 frames); ``frames_per_call`` caps one stream's decode call.
+    ``mode="window"``: :class:`voxlane.server.codec.StreamingDecoder` with ``left`` and
+    ``lookahead`` context frames per call (lookahead 0 gives first audio after 1 frame, at
+    ~30 dB of a full decode; see ``codec.LOW_LATENCY_STREAMING``), one stream per call.
+    """
+
+    mode: Literal["exact", "window"] = "exact"
     left: int = 2
     lookahead: int = 2
     frames_per_call: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "window"):
+            raise OutOfRangeError(f"decoder mode {self.mode!r} is not 'exact' or 'window'")
 
 
 @dataclass
@@ -130,6 +143,8 @@ class SpeechService:
             initializer=_set_torch_threads if codec_threads else None,
             initargs=(codec_threads,) if codec_threads else (),
         )
+        self._snac_program: Any = None
+        self._decode_batcher: Any = None
 
     @classmethod
     def load(
@@ -156,9 +171,35 @@ class SpeechService:
         engine.start()
         return cls(engine, snac, codec_threads=codec_threads)
 
+    @property
+    def snac_program(self) -> Any:
+        """The codec as a :class:`~voxlane.server.snac_stream.SnacProgram` (built on first use)."""
+        if self._snac_program is None:
+            from voxlane.server.snac_stream import SnacProgram
+
+            self._snac_program = SnacProgram(self.codec)
+        return self._snac_program
+
+    @property
+    def decode_batcher(self) -> Any:
+        """The :class:`~voxlane.server.snac_stream.DecodeBatcher` of the codec thread: exact
+        decoders of all turns decode in shared batches."""
+        if self._decode_batcher is None:
+            from voxlane.server.snac_stream import DecodeBatcher
+
+            self._decode_batcher = DecodeBatcher(self.snac_program, self.codec_executor)
+        return self._decode_batcher
+
     def new_decoder(self, settings: DecoderSettings) -> Any:
         """A fresh streaming decoder for one segment."""
         from voxlane.server.codec import StreamingDecoder
+
+        if settings.mode == "exact":
+            from voxlane.server.snac_stream import ExactStreamingDecoder
+
+            return ExactStreamingDecoder(
+                self.snac_program, frames_per_call=settings.frames_per_call
+            )
 
         return StreamingDecoder(
             self.codec,
@@ -400,6 +441,7 @@ class _Connection:
             ),
             new_decoder=lambda: self.service.new_decoder(settings),
             decode_executor=self.service.codec_executor,
+            decode_batcher=self.service.decode_batcher if settings.mode == "exact" else None,
             segmenter=Segmenter(),
             chunk_ms=config.chunk_ms,
             sample_rate=config.sample_rate,

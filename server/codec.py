@@ -26,6 +26,11 @@ setting                          left  lookahead  max   first audio after  SNR v
 :data:`LOW_LATENCY_STREAMING`       2          0     8  7 tokens           ~30 dB
 ==============================  =====  =========  ====  =================  ==============
 
+The server's default decoder is not this one but
+:class:`voxlane.server.snac_stream.ExactStreamingDecoder`: incremental layer by layer, equal
+to a full decode, a third of this decoder's cost, batched across streams. This one remains
+for the low-latency preset and for SNAC variants with attention layers.
+
 Model work here is synchronous; callers run it in a worker thread, never on the
 event loop.
 """

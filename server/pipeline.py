@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -137,13 +137,16 @@ class TurnPipeline:
 
     ``speak(text)`` starts generating one segment and returns its :class:`FrameStream`;
     ``new_decoder()`` returns a fresh streaming decoder per segment. ``decode_executor`` runs
-    decoder calls off the event loop.
+    decoder calls off the event loop; with a ``decode_batcher``
+    (:class:`~voxlane.server.snac_stream.DecodeBatcher`), decoders that support it decode in
+    batches shared with the other turns instead.
     """
 
     speak: Callable[[str], FrameStream]
     new_decoder: Callable[[], PcmDecoder]
     decode_executor: Executor
     segmenter: Segmenter
+    decode_batcher: Any = None
     chunk_ms: int = 40
     sample_rate: int = SAMPLE_RATE
     clock: Callable[[], float] = time.monotonic
@@ -239,6 +242,12 @@ class TurnPipeline:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decode_executor, fn, *args)
 
+    async def _push(self, decoder: PcmDecoder, frames: list[Frame]) -> np.ndarray:
+        buffered_s = self._buffered_s()
+        if self.decode_batcher is not None and hasattr(decoder, "take"):
+            return await self.decode_batcher.push(decoder, frames, buffered_s=buffered_s)
+        return await self._decode(functools.partial(decoder.push, buffered_s=buffered_s), frames)
+
     async def _produce(self) -> None:
         try:
             index = 0
@@ -271,8 +280,7 @@ class TurnPipeline:
         try:
             async for frame in stream:
                 self.metrics.frames += 1
-                push = functools.partial(decoder.push, buffered_s=self._buffered_s())
-                pcm = await self._decode(push, [frame])
+                pcm = await self._push(decoder, [frame])
                 self._samples_decoded += pcm.size
                 await self._emit_pcm(pcm)
             completed = True
@@ -282,7 +290,10 @@ class TurnPipeline:
                 # A decode that failed (or a cancel) leaves the segment unfinished: abort its
                 # engine request now rather than let it generate until garbage collection.
                 stream.cancel()
-        tail = await self._decode(decoder.flush)
+        if self.decode_batcher is not None and hasattr(decoder, "take"):
+            tail = await self.decode_batcher.flush(decoder)
+        else:
+            tail = await self._decode(decoder.flush)
         self._samples_decoded += tail.size
         self.metrics.generation_s += self.clock() - started
         self._segment_started = None

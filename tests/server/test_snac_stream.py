@@ -1,0 +1,295 @@
+"""Exact streaming SNAC decoding (layer-wise incremental) and its batching across streams.
+
+Most properties run on a small random SNAC with the 24 kHz layout (same layer types, strides
+and kernels, narrower channels) so hypothesis can try many push patterns; the demo checkpoint
+(exact 24 kHz architecture) checks the real sizes once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from voxlane.errors import InvalidTokenError, ModelFormatError, OutOfRangeError
+from voxlane.server.codec import SnacCodec, load_snac
+from voxlane.server.orpheus import SAMPLES_PER_FRAME
+from voxlane.server.snac_stream import (
+    DecodeBatcher,
+    ExactStreamingDecoder,
+    SnacProgram,
+)
+
+N = 14
+
+
+def _small_snac(attn_window_size: int | None = None) -> SnacCodec:
+    from snac import SNAC
+
+    torch.manual_seed(3)
+    model = SNAC(
+        sampling_rate=24000,
+        encoder_dim=8,
+        encoder_rates=[2, 4, 8, 8],
+        latent_dim=64,
+        decoder_dim=64,
+        decoder_rates=[8, 8, 4, 2],
+        attn_window_size=attn_window_size,
+        codebook_size=4096,
+        codebook_dim=8,
+        vq_strides=[4, 2, 1],
+        noise=True,
+        depthwise=True,
+    )
+    # Random weights far from SNAC's init, so every layer visibly matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return SnacCodec(model, noise=False)
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[SnacCodec]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _small_snac()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_program(small: SnacCodec) -> SnacProgram:
+    return SnacProgram(small)
+
+
+def _frames(n: int, seed: int) -> list[tuple[int, ...]]:
+    rng = np.random.default_rng(seed)
+    return [tuple(int(c) for c in row) for row in rng.integers(0, 4096, (n, 7))]
+
+
+def _run_pattern(program: SnacProgram, frames: list, sizes: list[int]) -> list[np.ndarray]:
+    stream = program.new_stream()
+    out, i = [], 0
+    for n in sizes:
+        out.append(program.run([(stream, frames[i : i + n], False)])[0])
+        i += n
+    out.append(program.run([(stream, frames[i:], True)])[0])
+    return out
+
+
+@settings(max_examples=25)
+@given(sizes=st.lists(st.integers(0, 5), max_size=8), seed=st.integers(0, 1000))
+def test_any_push_pattern_equals_full_decode(
+    small: SnacCodec, small_program: SnacProgram, sizes: list[int], seed: int
+) -> None:
+    frames = _frames(N, seed)
+    full = small.decode(frames)
+    out = np.concatenate(_run_pattern(small_program, frames, sizes))
+    assert out.shape == (N * SAMPLES_PER_FRAME,)
+    np.testing.assert_allclose(out, full, atol=2e-5, rtol=0)
+
+
+def test_output_lags_by_the_receptive_field(small_program: SnacProgram) -> None:
+    frames = _frames(N, 1)
+    out = _run_pattern(small_program, frames, [1] * N)
+    delay = small_program.delay
+    assert 2 * SAMPLES_PER_FRAME < delay < 3 * SAMPLES_PER_FRAME  # SNAC 24 kHz: ~2.3 frames
+    for n in range(1, N + 1):
+        produced = sum(x.size for x in out[:n])
+        assert produced == max(0, n * SAMPLES_PER_FRAME - delay)
+    assert out[-1].size == delay  # the flush finishes the tail
+
+
+def test_batched_run_equals_separate_runs(small_program: SnacProgram) -> None:
+    streams = [_frames(N, s) for s in (10, 11, 12)]
+    alone = [np.concatenate(_run_pattern(small_program, f, [3, 3, 3, 3])) for f in streams]
+    states = [small_program.new_stream() for _ in streams]
+    outs: list[list[np.ndarray]] = [[] for _ in streams]
+    # Different chunk sizes per stream in the same runs, one stream sitting a run out, and
+    # one stream finishing while the others go on.
+    plan = [(2, 0, 5), (4, 1, 3), (8, 6, 6)]
+    starts = [0, 0, 0]
+    for step in range(3):
+        jobs = []
+        for k, state in enumerate(states):
+            n = plan[k][step]
+            jobs.append((state, streams[k][starts[k] : starts[k] + n], False))
+            starts[k] += n
+        for k, pcm in enumerate(small_program.run(jobs)):
+            outs[k].append(pcm)
+    finals = [(state, streams[k][starts[k] :], True) for k, state in enumerate(states)]
+    for k, pcm in enumerate(small_program.run(finals)):
+        outs[k].append(pcm)
+    for k in range(3):
+        np.testing.assert_allclose(np.concatenate(outs[k]), alone[k], atol=2e-5, rtol=0)
+
+
+def test_real_snac_24khz_streams_exactly(demo_snac_dir: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codec = load_snac(demo_snac_dir, noise=False)
+        program = SnacProgram(codec)
+        frames = _frames(9, 5)
+        full = codec.decode(frames)
+        decoder = ExactStreamingDecoder(program, frames_per_call=2)
+        out = [decoder.push([f]) for f in frames] + [decoder.flush()]
+        got = np.concatenate(out)
+        assert got.shape == full.shape
+        snr = 10 * np.log10(np.sum(full.astype(np.float64) ** 2) / np.sum((got - full) ** 2))
+        assert snr > 100  # float rounding only (the window decoder's default gives ~85 dB)
+        assert decoder.first_audio_tokens == 21
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_noise_on_keeps_lengths(small: SnacCodec) -> None:
+    small.noise = True
+    try:
+        program = SnacProgram(small)
+        out = np.concatenate(_run_pattern(program, _frames(6, 2), [2, 2]))
+        assert out.shape == (6 * SAMPLES_PER_FRAME,) and np.isfinite(out).all()
+    finally:
+        small.noise = False
+
+
+def test_finished_and_duplicate_streams_are_refused(small_program: SnacProgram) -> None:
+    stream = small_program.new_stream()
+    small_program.run([(stream, _frames(2, 0), True)])
+    assert stream.finished
+    with pytest.raises(ValueError, match="already ended"):
+        small_program.run([(stream, _frames(1, 0), False)])
+    other = small_program.new_stream()
+    with pytest.raises(ValueError, match="twice"):
+        small_program.run([(other, [], False), (other, [], False)])
+
+
+def test_layers_it_cannot_stream_are_a_model_format_error() -> None:
+    with pytest.raises(ModelFormatError, match="LocalMHA"):
+        SnacProgram(_small_snac(attn_window_size=8))
+
+
+def test_decoder_chunks_follow_the_playback_buffer(small_program: SnacProgram) -> None:
+    decoder = ExactStreamingDecoder(small_program, frames_per_call=4)
+    frames = _frames(12, 3)
+    assert decoder.chunk_frames(None) == 4
+    assert decoder.chunk_frames(0.0) == 1
+    assert decoder.chunk_frames(0.2) == 2  # 2.3 frames of audio held: wait for 2 at most
+    # Without a buffer hint the decoder waits for full calls.
+    assert decoder.push(frames[:3]).size == 0 and decoder.frames_received == 3
+    assert decoder.push(frames[3:4]).size == 4 * SAMPLES_PER_FRAME - small_program.delay
+    # With nothing playing it decodes at once.
+    assert decoder.push(frames[4:5], buffered_s=0.0).size == SAMPLES_PER_FRAME
+
+
+def test_decoder_rejects_bad_frames_and_resets(small_program: SnacProgram) -> None:
+    decoder = ExactStreamingDecoder(small_program)
+    decoder.push(_frames(2, 0))
+    with pytest.raises(InvalidTokenError):
+        decoder.push([(1, 2, 3, 4, 5, 6, 4096)])
+    assert decoder.frames_received == 2  # nothing of the bad push was kept
+    decoder.reset()
+    assert decoder.frames_received == 0
+    assert decoder.flush().size == 0
+    with pytest.raises(OutOfRangeError):
+        ExactStreamingDecoder(small_program, frames_per_call=0)
+
+
+# -- batching across streams on the codec thread ---------------------------------------------
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="test-codec")
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def _hold(executor: ThreadPoolExecutor) -> threading.Event:
+    """Keep the single worker busy until the returned event is set."""
+    release = threading.Event()
+    executor.submit(release.wait, 10)
+    return release
+
+
+async def test_batcher_runs_queued_streams_together(
+    small_program: SnacProgram, executor: ThreadPoolExecutor
+) -> None:
+    batcher = DecodeBatcher(small_program, executor, max_frames=8)
+    streams = [_frames(N, s) for s in (20, 21, 22, 23)]
+    alone = [np.concatenate(_run_pattern(small_program, f, [1] * N)) for f in streams]
+    decoders = [ExactStreamingDecoder(small_program, frames_per_call=1) for _ in streams]
+    outs: list[list[np.ndarray]] = [[] for _ in streams]
+
+    async def one(k: int) -> None:
+        for frame in streams[k]:
+            outs[k].append(await batcher.push(decoders[k], [frame]))
+        outs[k].append(await batcher.flush(decoders[k]))
+
+    release = _hold(executor)
+    tasks = [asyncio.create_task(one(k)) for k in range(4)]
+    await asyncio.sleep(0.05)  # all four first pushes queue behind the busy worker
+    release.set()
+    await asyncio.gather(*tasks)
+    for k in range(4):
+        np.testing.assert_allclose(np.concatenate(outs[k]), alone[k], atol=2e-5, rtol=0)
+    assert batcher.calls == 4 * (N + 1)
+    assert batcher.runs < batcher.calls  # the queued calls shared runs
+
+
+async def test_batcher_caps_the_frames_of_one_run(
+    small_program: SnacProgram, executor: ThreadPoolExecutor
+) -> None:
+    batcher = DecodeBatcher(small_program, executor, max_frames=8)
+    decoders = [ExactStreamingDecoder(small_program, frames_per_call=4) for _ in range(3)]
+    release = _hold(executor)
+    pushes = [
+        asyncio.create_task(batcher.push(d, _frames(4, k))) for k, d in enumerate(decoders)
+    ]
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(*pushes)
+    assert (batcher.runs, batcher.calls) == (2, 3)  # 4 + 4 frames, then 4
+
+
+async def test_batcher_errors_stay_with_their_stream(
+    small_program: SnacProgram, executor: ThreadPoolExecutor
+) -> None:
+    batcher = DecodeBatcher(small_program, executor)
+    good = ExactStreamingDecoder(small_program, frames_per_call=1)
+    bad = ExactStreamingDecoder(small_program, frames_per_call=1)
+    bad.stream.finished = True  # a stream that ended must not be decoded again
+    release = _hold(executor)
+    ok = asyncio.create_task(batcher.push(good, _frames(3, 0)))
+    failing = asyncio.create_task(batcher.push(bad, _frames(3, 1)))
+    await asyncio.sleep(0.05)
+    release.set()
+    assert (await ok).size == 3 * SAMPLES_PER_FRAME - small_program.delay
+    with pytest.raises(ValueError, match="already ended"):
+        await failing
+
+
+async def test_a_cancelled_push_does_not_disturb_the_others(
+    small_program: SnacProgram, executor: ThreadPoolExecutor
+) -> None:
+    batcher = DecodeBatcher(small_program, executor)
+    a = ExactStreamingDecoder(small_program, frames_per_call=1)
+    b = ExactStreamingDecoder(small_program, frames_per_call=1)
+    release = _hold(executor)
+    cancelled = asyncio.create_task(batcher.push(a, _frames(3, 0)))
+    kept = asyncio.create_task(batcher.push(b, _frames(3, 1)))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    release.set()
+    assert (await kept).size == 3 * SAMPLES_PER_FRAME - small_program.delay
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    # The worker drained the queue and stopped: a later push starts a new drain.
+    assert (await batcher.push(b, _frames(1, 2))).size == SAMPLES_PER_FRAME
