@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 
-def load_demo_service(model: str, threads: int, *, max_context: int) -> Any:
+def load_demo_service(
+    model: str, threads: int, *, max_context: int, quantize: Literal["none", "int8"] = "none"
+) -> Any:
     """A started :class:`~voxlane.server.app.SpeechService` on the demo checkpoints.
 
     ``threads`` torch intra-op threads for the caller, the engine thread and the codec thread;
-    SNAC's noise is off so decodes are deterministic.
+    SNAC's noise is off so decodes are deterministic. ``quantize``: the engine's
+    :attr:`~voxlane.server.engine.EngineConfig.quantize`.
     """
     import torch
 
@@ -21,7 +24,7 @@ def load_demo_service(model: str, threads: int, *, max_context: int) -> Any:
     service = SpeechService.load(
         str(ensure_demo_lm(model)),
         str(ensure_demo_snac()),
-        engine_config=EngineConfig(num_threads=threads, max_context=max_context),
+        engine_config=EngineConfig(num_threads=threads, max_context=max_context, quantize=quantize),
         codec_threads=threads,
     )
     service.codec.noise = False

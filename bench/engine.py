@@ -14,6 +14,16 @@ with other processes on 2 cores, 2 OpenMP threads spin against each other).
   turns include the eviction); clone and built-in turns alternate so both see the same load.
 - ``memory_growth_10min`` (``tiny``): VmRSS after 10 minutes of generated audio (7,032 frames)
   in one windowed session over VmRSS after the first minute.
+- ``int8`` (``small``, a block): ``quantize="int8"`` against fp32 on two copies of the model.
+  ``step_ms_fp32`` / ``step_ms_int8``: one decode step (single-token forward plus the legal-row
+  head of its frame position, as the engine runs it) through :class:`StepModel`, rounds of
+  ``--int8-steps`` steps alternating between the two, best round mean; ``int8_speedup`` their
+  ratio (``_b2``: the same for a batched step of two streams). ``top1_agreement`` and
+  ``logit_snr_db`` (pooled over steps): legal-row logits over ``--int8-tokens`` audio tokens
+  after a real prompt, both models fed fp32's greedy sequence. ``frames_identical_prefix``:
+  frames two engines (fp32, int8) sample for the same text and seed before their first
+  differing frame, out of ``frames_compared``; ``_bf16``: the same for fp32 vs the
+  checkpoint's bf16 weights, for scale (random weights give near-flat distributions).
 
 Raw numbers behind each ratio are in the output, plus the eviction measurement (re-prefill vs
 RoPE re-index of a window, and the re-index logit drift) and the prefix copy vs prefill cost.
@@ -23,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
+import math
 import statistics
 import time
 from typing import Any
@@ -34,7 +46,15 @@ from voxlane.server.demo import ensure_demo_lm
 from voxlane.server.engine import EngineConfig, SamplingParams, SpeechEngine
 from voxlane.server.engine.model import StepModel
 from voxlane.server.lm import load_speech_lm
-from voxlane.server.orpheus import FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, finetuned_prompt
+from voxlane.server.orpheus import (
+    AUDIO_TOKEN_BASE,
+    CODEBOOK_SIZE,
+    FRAME_SIZE,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    audio_token,
+    finetuned_prompt,
+)
 
 TEXT = "Hey there, my name is Tara, and I am a speech model that talks for as long as you like."
 TRANSCRIPT = "This is the reference recording that the cloned voice is built from, fifteen seconds."
@@ -49,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=4, help="turns per session for TTFA")
     parser.add_argument("--minutes", type=float, default=10.0, help="audio for the memory run")
     parser.add_argument("--segment-frames", type=int, default=120, help="frames per segment")
+    parser.add_argument("--int8-steps", type=int, default=21, help="decode steps per int8 round")
+    parser.add_argument("--int8-rounds", type=int, default=5, help="int8 timing rounds (best)")
+    parser.add_argument("--int8-tokens", type=int, default=210, help="teacher-forced tokens")
 
 
 def _rss_mib() -> float:
@@ -180,6 +203,110 @@ def _eviction_costs(lm: Any, threads: int) -> dict[str, Any]:
     return out
 
 
+def _legal_heads(sm: StepModel) -> list[Any]:
+    starts = [AUDIO_TOKEN_BASE + p * CODEBOOK_SIZE for p in range(FRAME_SIZE)]
+    return [sm.head_slice(s, s + CODEBOOK_SIZE) for s in starts]
+
+
+def _int8_steps(fp32: Any, int8: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Decode-step time of fp32 vs int8 StepModels, and int8's logits vs fp32's (greedy,
+    teacher-forced)."""
+    torch.set_num_threads(args.threads)
+    models = {"fp32": StepModel(fp32.model), "int8": StepModel(int8.model, quantize="int8")}
+    heads = {name: _legal_heads(sm) for name, sm in models.items()}
+    prompt = torch.tensor([finetuned_prompt(fp32.encode, "tara", TEXT)])
+    n_prompt = prompt.shape[1]
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        # Timing: B = 1 and B = 2 (two sessions at different lengths), rounds alternating.
+        steps, rounds = args.int8_steps, args.int8_rounds
+        capacity = n_prompt + 16 + rounds * steps + 1
+        caches = {}
+        for name, sm in models.items():
+            caches[name] = [sm.new_cache(capacity) for _ in range(3)]
+            for i, cache in enumerate(caches[name]):
+                sm.forward(cache, prompt[:, : n_prompt - 8 * (i % 2)])
+        best: dict[str, float] = {}
+        for _ in range(rounds):
+            for name, sm in models.items():
+                one, *two = caches[name]
+                for batch, key in (([one], name), (two, f"{name}_b2")):
+                    t0 = time.perf_counter()
+                    for i in range(steps):
+                        token = torch.full(
+                            (len(batch),), AUDIO_TOKEN_BASE + i % FRAME_SIZE * CODEBOOK_SIZE
+                        )
+                        if len(batch) == 1:
+                            hidden = sm.forward(batch[0], token.view(1, 1))[:, -1]
+                        else:
+                            hidden = sm.decode_batch(batch, token)
+                        heads[name][(i + 1) % FRAME_SIZE](hidden)
+                    ms = (time.perf_counter() - t0) * 1e3 / steps
+                    best[key] = min(best.get(key, float("inf")), ms)
+        for key in ("", "_b2"):
+            out[f"step_ms_fp32{key}"] = round(best[f"fp32{key}"], 2)
+            out[f"step_ms_int8{key}"] = round(best[f"int8{key}"], 2)
+            out[f"int8_speedup{key}"] = round(best[f"fp32{key}"] / best[f"int8{key}"], 3)
+        # Accuracy: both fed fp32's greedy legal token.
+        n = args.int8_tokens
+        cache = {name: sm.new_cache(n_prompt + n) for name, sm in models.items()}
+        hidden = {name: sm.forward(cache[name], prompt)[:, -1] for name, sm in models.items()}
+        agree, signal, noise, cos_min = 0, 0.0, 0.0, 1.0
+        for i in range(n):
+            a = heads["fp32"][i % FRAME_SIZE](hidden["fp32"])[0]
+            b = heads["int8"][i % FRAME_SIZE](hidden["int8"])[0]
+            agree += int(a.argmax() == b.argmax())
+            signal += a.double().pow(2).sum().item()
+            noise += (a - b).double().pow(2).sum().item()
+            cos_min = min(cos_min, torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+            token = torch.tensor([[audio_token(int(a.argmax()), i % FRAME_SIZE)]])
+            hidden = {name: sm.forward(cache[name], token)[:, -1] for name, sm in models.items()}
+    out["top1_agreement"] = round(agree / n, 4)
+    out["logit_snr_db"] = round(10 * math.log10(signal / noise), 2)
+    out["logit_cosine_min"] = round(cos_min, 5)
+    out["teacher_forced_tokens"] = n
+    return out
+
+
+async def _frames(engine: SpeechEngine, frames: int) -> list[tuple[int, ...]]:
+    session = engine.open_session(engine.builtin_voice("tara"))
+    params = SamplingParams(max_frames=frames, seed=1)
+    out = [f async for f in session.generate(TEXT, params)]
+    session.close()
+    return out
+
+
+def _same_prefix(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+async def _int8(fp32_engine: SpeechEngine, args: argparse.Namespace) -> dict[str, Any]:
+    path = ensure_demo_lm("small")
+    reference = await _frames(fp32_engine, args.frames)
+    block: dict[str, Any] = {}
+    # The same comparison for the checkpoint's own bf16 weights (a change nobody objects to):
+    # on a random-weight model the legal distributions are nearly flat, so any perturbation
+    # reorders near-tied tokens and the sampled frames part at once.
+    for key, dtype, quantize in (("", "float32", "int8"), ("_bf16", "bfloat16", "none")):
+        lm = await asyncio.to_thread(load_speech_lm, path, dtype=dtype)
+        config = EngineConfig(num_threads=args.threads, quantize=quantize)  # type: ignore[arg-type]
+        engine = SpeechEngine(lm, config)
+        engine.start()
+        try:
+            block[f"frames_identical_prefix{key}"] = _same_prefix(
+                reference, await _frames(engine, args.frames)
+            )
+        finally:
+            await engine.aclose()
+    block["frames_compared"] = len(reference)
+    load = functools.partial(load_speech_lm, path, dtype="float32")
+    fp32, int8 = await asyncio.to_thread(load), await asyncio.to_thread(load)
+    block |= await asyncio.to_thread(_int8_steps, fp32, int8, args)
+    return block
+
+
 async def _memory(args: argparse.Namespace) -> dict[str, Any]:
     lm = await asyncio.to_thread(load_speech_lm, ensure_demo_lm("tiny"), dtype="float32")
     engine = SpeechEngine(lm, EngineConfig(num_threads=args.threads, window_segments=4))
@@ -231,6 +358,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         warm.close()
         result |= await _throughput(engine, args)
         result |= await _ttfa(engine, args)
+        result["int8"] = await _int8(engine, args)
     finally:
         await engine.aclose()
     result |= await asyncio.to_thread(_eviction_costs, small, args.threads)

@@ -58,6 +58,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="beyond the measured real-time capacity, refuse a turn ('overloaded') or hold it",
     )
     p.add_argument("--max-batch", type=int, default=None, help="most requests per engine step")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: the speech LM's layer weights in int8 (CPU decode ~2x faster, small drift)",
+    )
     p.add_argument("--log-level", default="INFO")
     agent = p.add_argument_group("agent mode (the server asks an OpenAI-compatible LLM)")
     agent.add_argument(
@@ -139,7 +145,10 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
         device=args.device,
         dtype=dtype,
         engine_config=EngineConfig(
-            max_context=args.max_context, admission=args.admission, max_batch=args.max_batch
+            max_context=args.max_context,
+            admission=args.admission,
+            max_batch=args.max_batch,
+            quantize=args.quantize,
         ),
     )
     return VoxlaneServer(service, config)

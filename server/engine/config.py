@@ -7,10 +7,11 @@ from typing import Literal
 
 from voxlane.errors import OutOfRangeError
 
-__all__ = ["AdmissionPolicy", "EngineConfig", "EvictionPolicy", "SamplingParams"]
+__all__ = ["AdmissionPolicy", "EngineConfig", "EvictionPolicy", "Quantize", "SamplingParams"]
 
 EvictionPolicy = Literal["reprefill", "reindex"]
 AdmissionPolicy = Literal["off", "refuse", "wait"]
+Quantize = Literal["none", "int8"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,13 @@ class EngineConfig:
     rest is left to SNAC decoding and jitter); ``"wait"`` accepts the session but holds its
     first segment until a streaming session finishes (oldest first); ``"off"`` admits
     everything.
+
+    ``quantize``: ``"int8"`` stores the decoder layers' projections as per-output-channel int8
+    (activations stay float; CPU: fbgemm's int8 GEMM, other devices: int8 weight-only). A CPU
+    decode step reads a quarter of the bytes and runs ~2x faster; the logits move slightly
+    (docs/architecture-engine.md, "int8 weights", has the measured agreement). The engine then
+    owns the model: its float projection weights are released, so ``lm.model`` no longer runs on
+    its own. ``"none"`` (default) keeps the model's dtype.
     """
 
     max_context: int = 8192
@@ -96,6 +104,7 @@ class EngineConfig:
     yield_ahead_s: float | None = 2.0
     admission: AdmissionPolicy = "off"
     realtime_headroom: float = 0.7
+    quantize: Quantize = "none"
 
     def __post_init__(self) -> None:
         if self.max_context < 16:
@@ -118,5 +127,7 @@ class EngineConfig:
             raise OutOfRangeError(f"admission {self.admission!r} is not off, refuse or wait")
         if not 0.0 < self.realtime_headroom <= 1.0:
             raise OutOfRangeError(f"realtime_headroom {self.realtime_headroom} is outside (0, 1]")
+        if self.quantize not in ("none", "int8"):
+            raise OutOfRangeError(f"quantize {self.quantize!r} is not 'none' or 'int8'")
         if self.voice_cache_bytes < 0:
             raise OutOfRangeError("voice_cache_bytes is negative")

@@ -214,9 +214,10 @@ class EngineCore:
         self._ids_lock = threading.Lock()
         self._stopping = False
         self._jobs: list[tuple[Iterator[None], Callable[[BaseException | None], None]]] = []
-        # Legal-row tables: the 4,096 rows of position p are a view of lm_head.weight.
+        # Legal-row heads: the 4,096 rows of position p (a view of lm_head.weight; int8 copies
+        # of them when the model is quantized).
         self._rows = [
-            model.head_rows(
+            model.head_slice(
                 AUDIO_TOKEN_BASE + p * CODEBOOK_SIZE, AUDIO_TOKEN_BASE + (p + 1) * CODEBOOK_SIZE
             )
             for p in range(FRAME_SIZE)
@@ -353,7 +354,7 @@ class EngineCore:
             for i in range(steps + 1):
                 started = time.perf_counter()
                 hidden = self.model.decode_batch(caches, tokens)
-                logits = hidden @ rows.T
+                logits = rows(hidden)
                 for row, sampler in zip(logits, samplers, strict=True):
                     sampler.sample(row, 0)
                 if i:  # the first step of a size pays one-off allocation costs
@@ -473,7 +474,7 @@ class EngineCore:
         out: dict[int, Tensor] = {}
         for position, group in groups.items():
             hidden = torch.stack([req.hidden for req in group])  # type: ignore[misc]
-            logits = hidden @ self._rows[position].T  # [n, 4096]
+            logits = self._rows[position](hidden)  # [n, 4096]
             eos = hidden @ self._eos_row.T if position == 0 else None  # [n, 1]
             for i, req in enumerate(group):
                 if eos is not None and req.frames > 0:

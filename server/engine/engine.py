@@ -199,7 +199,9 @@ class SpeechEngine:
         self.lm = lm
         self.config = config or EngineConfig()
         self.encode: TextEncoder = lm.encode
-        self._core = EngineCore(StepModel(lm.model), self.encode, self.config)
+        self._core = EngineCore(
+            StepModel(lm.model, quantize=self.config.quantize), self.encode, self.config
+        )
         self._thread: threading.Thread | None = None
         self._open_sessions = 0  # sessions opened and not closed (event-loop side)
 

@@ -11,24 +11,138 @@ equals the key computed at ``position - delta``: :meth:`KVCache.evict` deletes a
 shifts what follows left, re-indexing the shifted keys, so positions stay contiguous and
 bounded however long a session lasts (see docs/architecture-engine.md for the measurement
 that chose this over re-prefilling).
+
+``quantize="int8"`` stores every projection of the decoder layers as per-output-channel
+symmetric int8 (:class:`Int8Linear`; activations stay float): a CPU decode step is bound by
+reading the weights, and int8 reads a quarter of fp32's bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from voxlane.errors import ContextOverflowError, EngineError
+from voxlane.errors import ContextOverflowError, EngineError, ModelFormatError
 
-__all__ = ["KVCache", "StepModel"]
+from .config import Quantize
+
+__all__ = ["Int8Kernel", "Int8Linear", "KVCache", "StepModel"]
+
+Int8Kernel = Literal["fbgemm", "weight_only"]
+
+
+def _has_vnni() -> bool:
+    """True if this CPU has AVX512-VNNI (fbgemm's int8 kernels then accumulate without int16
+    saturation; torch's own qconfig check)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return bool(capabilities is not None and capabilities().get("avx512_vnni", False))
+
+
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_dynamic"
+    )
+
+
+class Int8Linear:
+    """``x @ weight.T`` with ``weight`` stored as per-output-channel symmetric int8.
+
+    Row ``r`` is ``round(weight[r] / s[r])`` clamped to -127..127, ``s[r] = max|weight[r]| / 127``;
+    activations stay float. Two kernels behind the same call:
+
+    - ``"fbgemm"`` (CPU): fbgemm's prepacked int8 GEMM (``torch.ops.quantized.linear_dynamic``),
+      which quantizes its input to uint8 on the fly with one range for the whole tensor. To
+      make that range per row, each row is first mapped affinely onto exactly ``[0, 1]``
+      (``x' = (x - lo) / (hi - lo)``, undone on the output with the weight's row sums). So
+      every row (token) gets its own full 8-bit range, and a row's result does not depend on
+      the other rows of the batch: ``decode_batch`` rows equal single forwards bit for bit.
+    - ``"weight_only"`` (any device, meant for GPUs, where fbgemm does not exist): the int8
+      weight is converted to the input's dtype per call and the scale applied to the output
+      (``F.linear(x, w.to(x.dtype)) * s``, as gpt-fast does). It keeps a quarter (bf16: half)
+      of the weight bytes resident; its speed depends on the device (on a CPU it is slower
+      than float: use fbgemm there).
+
+    ``kernel=None`` picks fbgemm for CPU weights when this torch build has it.
+    """
+
+    def __init__(self, weight: Tensor, kernel: Int8Kernel | None = None) -> None:
+        if weight.dim() != 2:
+            raise EngineError(f"Int8Linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        if kernel is None:
+            kernel = (
+                "fbgemm" if weight.device.type == "cpu" and _fbgemm_available() else "weight_only"
+            )
+        if kernel == "fbgemm" and (weight.device.type != "cpu" or not _fbgemm_available()):
+            raise EngineError(
+                f"the fbgemm int8 kernel needs a CPU build with fbgemm, not {weight.device}"
+            )
+        self.kernel: Int8Kernel = kernel
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        w = weight.detach().float()
+        amax = w.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # [out]; 0-rows stay 0
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self._packed: object | None = None
+        # fbgemm quantizes activations to 8 bits (asymmetric, per call). Without VNNI its
+        # AVX2/AVX512 kernels add u8 x s8 products pairwise in saturating int16, which 8-bit
+        # activations can overflow; 7 bits ("reduce_range") cannot, but cost ~3 dB of logit
+        # SNR on the small model (docs/architecture-engine.md). So: 8 bits only with VNNI.
+        self.reduce_range = not _has_vnni()
+        self._q: Tensor | None = None
+        self._scale: Tensor | None = None
+        self._rowsum: Tensor | None = None
+        if kernel == "fbgemm":
+            self._rowsum = q.float().sum(dim=1) * scale  # [out]: W_int8 @ 1, in float
+            with warnings.catch_warnings():
+                # torch deprecates quantized tensor creation; the packed kernel is what we use.
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
+                )
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        else:
+            self._q = q  # [out, in] int8
+            self._scale = scale.to(weight.dtype)  # [out]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._packed is not None:
+            x32 = x.float()
+            lo, hi = torch.aminmax(x32, dim=-1, keepdim=True)  # [..., 1] each
+            span = (hi - lo).clamp_min_(1e-30)  # a constant row maps to 0, exactly
+            # Every row now spans exactly [0, 1] (its min maps to 0, its max to (hi-lo)/(hi-lo)
+            # = 1), so the kernel's whole-tensor range is [0, 1] whatever the other rows are.
+            y = torch.ops.quantized.linear_dynamic(
+                (x32 - lo).div_(span), self._packed, self.reduce_range
+            )
+            y = y.mul_(span).addcmul_(lo, self._rowsum)  # W (x' span + lo) = (W x') span + lo W1
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return F.linear(x, self._q.to(x.dtype)) * self._scale.to(x.dtype)  # type: ignore[union-attr]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the int8 values and scales (fbgemm's packed layout adds a little padding)."""
+        return self.out_features * (self.in_features + 4)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+#: A projection weight as the forward uses it: a float ``[out, in]`` tensor or int8.
+_Weight = Tensor | Int8Linear
+
+
+def _linear(x: Tensor, w: _Weight) -> Tensor:
+    return F.linear(x, w) if isinstance(w, Tensor) else w(x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,25 +151,44 @@ class _FusedLayer:
 
     ``wqkv`` and ``w_gate_up`` are single tensors; the HF modules' own ``weight`` parameters are
     re-pointed at row slices of them (views), so the model keeps working as before and no weight
-    is stored twice.
+    is stored twice. With int8 the four projections are :class:`Int8Linear` instead.
     """
 
     norm1: Tensor
     norm2: Tensor
     eps1: float
     eps2: float
-    wqkv: Tensor  # [(H + 2 H_kv) D, D_model]
-    wo: Tensor
-    w_gate_up: Tensor  # [2 I, D_model]
-    w_down: Tensor
+    wqkv: _Weight  # [(H + 2 H_kv) D, D_model]
+    wo: _Weight
+    w_gate_up: _Weight  # [2 I, D_model]
+    w_down: _Weight
+
+
+def _projections(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """q, k, v, o, gate, up, down of a LlamaDecoderLayer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    )
 
 
 def _fuse(layer: torch.nn.Module) -> _FusedLayer | None:
     """Fuse a LlamaDecoderLayer's projections; ``None`` where the plain modules must be used
     (biases, another activation, an unusual norm)."""
     attn, mlp = layer.self_attn, layer.mlp
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    linears = (*projs, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    linears = _projections(layer)
+    projs = linears[:4]
+    if any(getattr(lin, _RELEASED, False) for lin in linears):
+        raise EngineError(
+            "this model's layer weights were moved into an int8 StepModel (quantize='int8'):"
+            " load the checkpoint again to build another model from it"
+        )
     if any(lin.bias is not None for lin in linears):
         return None
     if getattr(mlp, "act_fn", None) is None or mlp.config.hidden_act != "silu":
@@ -83,6 +216,39 @@ def _fuse(layer: torch.nn.Module) -> _FusedLayer | None:
         w_gate_up=fuse_rows((mlp.gate_proj, mlp.up_proj)),
         w_down=mlp.down_proj.weight,
     )
+
+
+#: Attribute set on an HF projection whose float weight an int8 StepModel released.
+_RELEASED = "_voxlane_int8_released"
+
+
+def _released_forward(module: torch.nn.Module, args: object) -> None:
+    raise EngineError(
+        "this layer's float weights were released by the engine's int8 StepModel"
+        " (quantize='int8'): run the model through the engine, or load it again to run it in float"
+    )
+
+
+def _quantize(fused: _FusedLayer, layer: torch.nn.Module, kernel: Int8Kernel | None) -> _FusedLayer:
+    """``fused`` with int8 projections; the layer's float projection weights are released.
+
+    The HF modules' weights are views of the fused tensors (or the tensors themselves), so the
+    float memory is freed only once every module lets go of them: each is replaced by an empty
+    tensor and the module refuses to run (a clear error instead of wrong numbers).
+    """
+    quantized = replace(
+        fused,
+        wqkv=Int8Linear(fused.wqkv, kernel),  # type: ignore[arg-type]
+        wo=Int8Linear(fused.wo, kernel),  # type: ignore[arg-type]
+        w_gate_up=Int8Linear(fused.w_gate_up, kernel),  # type: ignore[arg-type]
+        w_down=Int8Linear(fused.w_down, kernel),  # type: ignore[arg-type]
+    )
+    for module in _projections(layer):
+        w = module.weight
+        module.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)
+        module.register_forward_pre_hook(_released_forward)
+        setattr(module, _RELEASED, True)
+    return quantized
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -139,9 +305,25 @@ class StepModel:
 
     ``forward`` returns the final-norm hidden states; the caller picks which rows of the LM
     head to multiply them with (:meth:`head_rows` is a view of ``lm_head.weight``, no copy).
+
+    ``quantize="int8"``: the q/k/v, o, gate/up and down projections of every layer become
+    :class:`Int8Linear` (``int8_kernel``: None picks fbgemm on CPU, weight-only elsewhere).
+    Prefill and decode both run them (on CPU int8 is faster than float at every row count
+    measured, 1 to 256), and :meth:`head_slice` returns int8 legal-row slices. Embeddings,
+    norms and the LM head itself stay float. The model's float projection weights are
+    released (the HF modules then refuse to run: use this object, or load the checkpoint
+    again), so the layers keep about a quarter of their fp32 bytes resident.
     """
 
-    def __init__(self, hf_model: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        hf_model: torch.nn.Module,
+        *,
+        quantize: Quantize = "none",
+        int8_kernel: Int8Kernel | None = None,
+    ) -> None:
+        if quantize not in ("none", "int8"):
+            raise EngineError(f"quantize {quantize!r} is not 'none' or 'int8'")
         cfg = hf_model.config
         hf_model.requires_grad_(False)  # inference only; lets plain ops mix with cache tensors
         base = hf_model.model
@@ -162,6 +344,18 @@ class StepModel:
         # per-op overhead, not FLOPs, so that is most of the step time.
         fused = [_fuse(layer) for layer in self.layers]
         self._fused: list[_FusedLayer] | None = None if None in fused else fused  # type: ignore[assignment]
+        self.quantize: Quantize = quantize
+        self._int8_kernel = int8_kernel
+        if quantize == "int8":
+            if self._fused is None:
+                raise ModelFormatError(
+                    "quantize='int8' needs Llama layers without projection biases and with a"
+                    " SiLU MLP; this model's layers differ: use quantize='none'"
+                )
+            self._fused = [
+                _quantize(f, layer, int8_kernel)
+                for f, layer in zip(self._fused, self.layers, strict=True)
+            ]
 
     # -- cache ---------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -175,6 +369,17 @@ class StepModel:
     def head_rows(self, start: int, stop: int) -> Tensor:
         """Rows ``start..stop-1`` of the LM head: a contiguous view, no copy."""
         return self.head_weight[start:stop]
+
+    def head_slice(self, start: int, stop: int) -> Callable[[Tensor], Tensor]:
+        """``hidden [..., D_model] -> logits [..., stop - start]`` over LM head rows
+        ``start..stop-1``. Float: a product with :meth:`head_rows` (a view, no copy). int8: an
+        :class:`Int8Linear` of those rows, made by this call (build each slice once); the head
+        itself stays float (Orpheus ties it to the embeddings), so this adds the slice in int8.
+        """
+        rows = self.head_rows(start, stop)
+        if self.quantize == "int8":
+            return Int8Linear(rows, self._int8_kernel)
+        return functools.partial(F.linear, weight=rows)
 
     # -- per-layer pieces shared by forward and decode_batch ---------------------------------
     def _qkv(self, i: int, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,7 +395,7 @@ class StepModel:
             v = attn.v_proj(a).view(bsz, t, hk, d).transpose(1, 2)
             return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
         a = _rms_norm(x, fused.norm1, fused.eps1)
-        qkv = F.linear(a, fused.wqkv).view(bsz, t, h + 2 * hk, d).transpose(1, 2)
+        qkv = _linear(a, fused.wqkv).view(bsz, t, h + 2 * hk, d).transpose(1, 2)
         qk = qkv[:, : h + hk]  # [B, H + Hkv, T, D]: one RoPE for queries and keys
         qk = qk * cos + _rotate_half(qk) * sin
         return qk[:, :h], qk[:, h:], qkv[:, h + hk :]
@@ -204,9 +409,9 @@ class StepModel:
             layer = self.layers[i]
             x = x + layer.self_attn.o_proj(o)
             return x + layer.mlp(layer.post_attention_layernorm(x))
-        x = x + F.linear(o, fused.wo)
-        gate, up = F.linear(_rms_norm(x, fused.norm2, fused.eps2), fused.w_gate_up).chunk(2, -1)
-        return x + F.linear(F.silu(gate) * up, fused.w_down)
+        x = x + _linear(o, fused.wo)
+        gate, up = _linear(_rms_norm(x, fused.norm2, fused.eps2), fused.w_gate_up).chunk(2, -1)
+        return x + _linear(F.silu(gate) * up, fused.w_down)
 
     # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()
