@@ -40,6 +40,9 @@ TEXT = "Hey there, my name is Tara, and I am a speech model that talks to many p
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="small", help="demo LM size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per thread")
+    parser.add_argument(
+        "--quantize", default="int8", choices=["none", "int8"], help="speech LM weights"
+    )
     parser.add_argument("--frames", type=int, default=24, help="frames per throughput stream")
     parser.add_argument("--turn-frames", type=int, default=48, help="frames per real-time turn")
     parser.add_argument("--max-streams", type=int, default=8, help="real-time search bound")
@@ -120,9 +123,13 @@ def _pct(values: list[float], q: float) -> float:
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     from bench.common import load_demo_service
 
-    service = load_demo_service(args.model, args.threads, max_context=2048)
+    service = load_demo_service(args.model, args.threads, max_context=2048, quantize=args.quantize)
     engine = service.engine
-    result: dict[str, Any] = {"model": args.model, "threads": args.threads}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "threads": args.threads,
+        "quantize": args.quantize,
+    }
     try:
         await _throughput(engine, 1, 4, args.seed)  # warm-up
         runs: dict[int, dict[str, float]] = {}

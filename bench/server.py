@@ -19,7 +19,9 @@ ratios from one run mean anything (the box is shared).
 
 The real-time run feeds one turn over the socket with a simulated LLM: one word per delta at
 ``--llm-rate`` deltas/s. ``underruns`` and ``rtf`` come from ``turn.done``; the client also
-replays the arrival times against real-time playback (``client_underruns``).
+replays the arrival times against real-time playback from its first chunk on, with no start-up
+lead (``client_underruns``, stricter than the server's ``underruns``, which are those of a client
+with the SDK Player's 120 ms lead).
 
 ``first_audio_breakdown_ms`` splits the in-process path (medians): segment release after the
 text arrived, engine prefill to the first frame, the remaining frames of the first decoder

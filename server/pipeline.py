@@ -109,22 +109,46 @@ class TurnMetrics:
         return dict(self.__dict__)
 
 
+#: Audio a client buffers before it starts playing (and again after running dry): the default
+#: ``lead_ms`` of the SDK's :class:`~voxlane.playback.Player`. Underruns are counted for such
+#: a client (tests/server/test_pipeline.py checks the two stay equal).
+PLAYBACK_LEAD_MS = 120.0
+
+
 @dataclass
 class _PlaybackClock:
-    """Counts underruns against a client that plays in real time from the first chunk on."""
+    """Counts underruns against a client that plays in real time once it holds ``lead``
+    samples, and that waits for the lead again after running dry (the SDK Player's jitter
+    buffer). ``lead=0`` is a client that plays from the first chunk on."""
 
     rate: int
-    start: float | None = None
+    lead: int = 0
+    start: float | None = None  # when sample 0 plays (moved by stalls); None before playing
     underruns: int = 0
+    waiting_from: int | None = 0  # sample offset playback waits at for the lead; None: playing
 
-    def on_chunk(self, now: float, sample_offset: int) -> None:
-        if self.start is None:
-            self.start = now
-            return
-        due = self.start + sample_offset / self.rate
-        if now > due:
-            self.underruns += 1
-            self.start += now - due  # playback stalled until this chunk arrived
+    def on_chunk(self, now: float, sample_offset: int, samples: int) -> None:
+        end = sample_offset + samples
+        if self.waiting_from is None:
+            assert self.start is not None
+            due = self.start + sample_offset / self.rate
+            if now <= due:
+                return
+            self.underruns += 1  # ran dry at `due`; this chunk starts a new wait for the lead
+            self.waiting_from = sample_offset
+        if end - self.waiting_from >= self.lead:
+            self.start = now - self.waiting_from / self.rate
+            self.waiting_from = None
+
+    def ahead(self, now: float, samples_out: int) -> float | None:
+        """Seconds of audio handed out and not played yet; while waiting for the lead, minus
+        what is still missing to start (negative). None before the first chunk."""
+        if self.waiting_from is not None:
+            if self.start is None and samples_out == 0:
+                return None
+            return (samples_out - self.waiting_from - self.lead) / self.rate
+        assert self.start is not None
+        return samples_out / self.rate - (now - self.start)
 
 
 _SENTINEL = object()
@@ -139,7 +163,10 @@ class TurnPipeline:
     ``new_decoder()`` returns a fresh streaming decoder per segment. ``decode_executor`` runs
     decoder calls off the event loop; with a ``decode_batcher``
     (:class:`~voxlane.server.snac_stream.DecodeBatcher`), decoders that support it decode in
-    batches shared with the other turns instead.
+    batches shared with the other turns instead. ``metrics.underruns`` (and the playback
+    model behind deadline scheduling and decode chunking) is that of a client that starts
+    playing once it holds ``playback_lead_ms`` of audio, and again after running dry (0: from
+    the first chunk on).
     """
 
     speak: Callable[[str], FrameStream]
@@ -151,6 +178,7 @@ class TurnPipeline:
     sample_rate: int = SAMPLE_RATE
     clock: Callable[[], float] = time.monotonic
     max_buffered_chunks: int = 64
+    playback_lead_ms: float = PLAYBACK_LEAD_MS
     metrics: TurnMetrics = field(default_factory=TurnMetrics)
 
     def __post_init__(self) -> None:
@@ -176,7 +204,9 @@ class TurnPipeline:
         self._underruns_before_segment = 0
         self._samples_decoded = 0  # at 24 kHz, out of the decoder
         self._sequence = 0
-        self._playback = _PlaybackClock(self.sample_rate)
+        self._playback = _PlaybackClock(
+            self.sample_rate, lead=round(self.sample_rate * self.playback_lead_ms / 1000)
+        )
         self._task: asyncio.Task[None] | None = None
 
     # -- text side (event loop, cheap) ---------------------------------------------------------
@@ -311,22 +341,16 @@ class TurnPipeline:
         chunks then leave the most CPU to the speech LM instead of spiralling into ever more
         decoding per frame.
         """
-        start = self._playback.start
-        if start is None:
-            return 0.0
         if self._playback.underruns > self._underruns_before_segment:
             return None
-        played = self.clock() - start
-        return max(0.0, self._samples_out / self.sample_rate - played)
+        ahead = self._playback.ahead(self.clock(), self._samples_out)
+        return 0.0 if ahead is None else max(0.0, ahead)
 
     def playback_ahead_s(self) -> float | None:
         """Seconds of audio handed out that the client has not played yet (playback model),
-        negative while it is stalled waiting; None before the first chunk. Read by the
-        engine thread to schedule by deadline (plain float reads)."""
-        start = self._playback.start
-        if start is None:
-            return None
-        return self._samples_out / self.sample_rate - (self.clock() - start)
+        negative while it waits for its start-up lead; None before the first chunk. Read by
+        the engine thread to schedule by deadline (plain float reads)."""
+        return self._playback.ahead(self.clock(), self._samples_out)
 
     def _final_tail(self) -> np.ndarray:
         tail = [np.zeros(0, np.float32)]
@@ -374,7 +398,7 @@ class TurnPipeline:
                 if self.metrics.ttfa_s is None:
                     self.metrics.ttfa_s = now - start
                 self._samples_handed += len(item.pcm)
-                self._playback.on_chunk(now, item.sample_offset)
+                self._playback.on_chunk(now, item.sample_offset, len(item.pcm))
                 self.metrics.underruns = self._playback.underruns
                 self.metrics.elapsed_s = now - start
             yield item  # type: ignore[misc]

@@ -155,13 +155,15 @@ async def test_decoder_told_how_much_audio_playback_holds() -> None:
         decoders.append(FakeDecoder())
         return decoders[-1]
 
-    pipeline, _, _ = make_pipeline(6, dt=dt, clock=clock, new_decoder=new_decoder)
+    pipeline, _, _ = make_pipeline(
+        6, dt=dt, clock=clock, new_decoder=new_decoder, playback_lead_ms=0
+    )
     pipeline.push_text("Hello there.")
     pipeline.end_text()
     await drain(pipeline)
     buffered = decoders[0].buffered
-    # Nothing handed out before frame 3's audio; playback starts then (t = 3 dt). At frame 4
-    # (t = 4 dt) two 40 ms chunks are out and dt of them is played.
+    # Nothing handed out before frame 3's audio; a zero-lead client starts playing then
+    # (t = 3 dt). At frame 4 (t = 4 dt) two 40 ms chunks are out and dt of them is played.
     assert buffered[:3] == [0.0, 0.0, 0.0]
     assert buffered[3] == pytest.approx(2 * 0.04 - dt)
     assert all(b is not None and b >= 0 for b in buffered)
@@ -177,7 +179,9 @@ async def test_underruns_counted_once_per_stall() -> None:
         decoders.append(FakeDecoder(lookahead=0))
         return decoders[-1]
 
-    pipeline, _, _ = make_pipeline(6, dt=2 * FRAME_S, clock=clock, new_decoder=new_decoder)
+    pipeline, _, _ = make_pipeline(
+        6, dt=2 * FRAME_S, clock=clock, new_decoder=new_decoder, playback_lead_ms=0
+    )
     pipeline.push_text("Slow speech here.")
     pipeline.end_text()
     await drain(pipeline)
@@ -185,6 +189,58 @@ async def test_underruns_counted_once_per_stall() -> None:
     # Behind real time, the decoder gets no buffer cap (largest, cheapest decode calls).
     assert decoders[0].buffered == [0.0, 0.0, None, None, None, None]
     assert pipeline.metrics.rtf == pytest.approx(2.0)
+
+
+class JitteryStream(FakeStream):
+    """Frames at real time, except that frame ``late`` takes ``late_s`` longer."""
+
+    def __init__(self, clock: FakeClock, frames: int, late: int, late_s: float) -> None:
+        super().__init__(clock, frames, FRAME_S)
+        self.late, self.late_s = late, late_s
+
+    async def _run(self) -> AsyncIterator[tuple[int, ...]]:
+        async for frame in super()._run():
+            if self.sent == self.late:
+                self.clock.now += self.late_s
+            yield frame
+
+
+@pytest.mark.parametrize(("lead_ms", "runs_dry"), [(0, True), (120, False)])
+async def test_underruns_are_those_of_a_client_with_a_start_up_lead(
+    lead_ms: float, runs_dry: bool
+) -> None:
+    """Frames at exactly real time with a 30 ms hiccup: a client that started with 120 ms
+    buffered (the SDK Player's default) rides it out; one that plays from the first chunk on
+    runs dry."""
+    clock = FakeClock()
+    pipeline = TurnPipeline(
+        speak=lambda text: JitteryStream(clock, 8, late=5, late_s=0.03),
+        new_decoder=lambda: FakeDecoder(lookahead=0),
+        decode_executor=InlineExecutor(),
+        segmenter=Segmenter(),
+        clock=clock,
+        playback_lead_ms=lead_ms,
+    )
+    pipeline.push_text("Hello there.")
+    pipeline.end_text()
+    ahead: list[float | None] = []
+    async for item in pipeline.events():
+        if isinstance(item, AudioChunk):
+            ahead.append(pipeline.playback_ahead_s())
+    assert (pipeline.metrics.underruns > 0) == runs_dry
+    if lead_ms:
+        # Until the lead is buffered the client is not playing: the engine sees it behind.
+        assert ahead[0] is not None and -lead_ms / 1000 <= ahead[0] < 0
+        assert min(a for a in ahead if a is not None) < 0 < max(a for a in ahead if a)
+
+
+def test_the_playback_model_matches_the_sdk_player_default() -> None:
+    import inspect
+
+    from voxlane.playback import Player
+    from voxlane.server.pipeline import PLAYBACK_LEAD_MS
+
+    assert inspect.signature(Player).parameters["lead_ms"].default == PLAYBACK_LEAD_MS
 
 
 async def test_marks_offsets_and_order() -> None:

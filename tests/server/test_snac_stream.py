@@ -250,9 +250,7 @@ async def test_batcher_caps_the_frames_of_one_run(
     batcher = DecodeBatcher(small_program, executor, max_frames=8)
     decoders = [ExactStreamingDecoder(small_program, frames_per_call=4) for _ in range(3)]
     release = _hold(executor)
-    pushes = [
-        asyncio.create_task(batcher.push(d, _frames(4, k))) for k, d in enumerate(decoders)
-    ]
+    pushes = [asyncio.create_task(batcher.push(d, _frames(4, k))) for k, d in enumerate(decoders)]
     await asyncio.sleep(0.05)
     release.set()
     await asyncio.gather(*pushes)
