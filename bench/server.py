@@ -51,6 +51,9 @@ FIRST_SEGMENT = "Sure, I can help you with that right away."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="small", help="demo LM size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model thread")
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="speech LM weights"
+    )
     parser.add_argument("--repeats", type=int, default=7, help="TTFA repetitions (median)")
     parser.add_argument("--llm-rate", type=float, default=30.0, help="simulated LLM deltas/s")
     parser.add_argument("--rt-frames", type=int, default=40, help="max frames per segment (RT)")
@@ -286,11 +289,15 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     from voxlane.server.app import DecoderSettings, ServerConfig, VoxlaneServer
     from voxlane.server.engine import SamplingParams
 
-    service = load_demo_service(args.model, args.threads, max_context=4096)
+    service = load_demo_service(args.model, args.threads, max_context=4096, quantize=args.quantize)
     settings = DecoderSettings()
     params = SamplingParams(max_frames=64, seed=args.seed)
     config = ServerConfig(port=0, auth=False, api_keys=(), decoder=settings)
-    result: dict[str, Any] = {"model": args.model, "threads": args.threads}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "threads": args.threads,
+        "quantize": args.quantize,
+    }
     try:
         async with (
             VoxlaneServer(service, config) as server,
