@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Literal
+
+
+def add_service_arguments(parser: argparse.ArgumentParser, *, quantize: str) -> None:
+    """``--model``, ``--threads`` and ``--quantize`` (default ``quantize``) of the benchmarks
+    that run a whole :class:`~voxlane.server.app.SpeechService` (see :func:`load_demo_service`).
+    """
+    parser.add_argument("--model", default="small", help="demo LM size")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model thread")
+    parser.add_argument(
+        "--quantize", default=quantize, choices=["none", "int8"], help="speech LM weights"
+    )
 
 
 def load_demo_service(

@@ -1,8 +1,9 @@
 """Many streams at once: batched-decode throughput, real-time streams, first audio under load.
 
-Everything runs on the ``--model`` demo LM (default ``small``) in one process; the engine
-thread and the codec thread get ``--threads`` torch threads each. Only ratios from one run mean
-anything (the box is shared).
+Everything runs on the ``--model`` demo LM (default ``small``) in one process, its layer
+weights in ``--quantize`` (default int8; ``python -m bench engine`` reports what int8 changes
+in the logits and frames); the engine thread and the codec thread get ``--threads`` torch
+threads each. Only ratios from one run mean anything (the box is shared).
 
 - ``tokens_per_s``: aggregate audio tokens/s of the engine alone (no SNAC) with 1, 2, 4 and 8
   streams started together, each generating ``--frames`` frames of its own text and seed (a
@@ -38,11 +39,9 @@ TEXT = "Hey there, my name is Tara, and I am a speech model that talks to many p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small", help="demo LM size")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per thread")
-    parser.add_argument(
-        "--quantize", default="int8", choices=["none", "int8"], help="speech LM weights"
-    )
+    from bench.common import add_service_arguments
+
+    add_service_arguments(parser, quantize="int8")
     parser.add_argument("--frames", type=int, default=24, help="frames per throughput stream")
     parser.add_argument("--turn-frames", type=int, default=48, help="frames per real-time turn")
     parser.add_argument("--max-streams", type=int, default=8, help="real-time search bound")

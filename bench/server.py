@@ -49,11 +49,9 @@ FIRST_SEGMENT = "Sure, I can help you with that right away."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small", help="demo LM size")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per model thread")
-    parser.add_argument(
-        "--quantize", default="none", choices=["none", "int8"], help="speech LM weights"
-    )
+    from bench.common import add_service_arguments
+
+    add_service_arguments(parser, quantize="none")
     parser.add_argument("--repeats", type=int, default=7, help="TTFA repetitions (median)")
     parser.add_argument("--llm-rate", type=float, default=30.0, help="simulated LLM deltas/s")
     parser.add_argument("--rt-frames", type=int, default=40, help="max frames per segment (RT)")
