@@ -511,7 +511,8 @@ class ExactStreamingDecoder:
 
         The first half of :meth:`push`, for a caller that batches the decode of many streams
         (:meth:`SnacProgram.run` on ``self.stream``)."""
-        self._pending.extend(validate_frame(f) for f in frames)
+        checked = [validate_frame(f) for f in frames]  # all or nothing
+        self._pending.extend(checked)
         if len(self._pending) < self.chunk_frames(buffered_s):
             return []
         ready, self._pending = self._pending, []
@@ -534,8 +535,7 @@ class ExactStreamingDecoder:
 
         Raises :class:`~voxlane.errors.InvalidTokenError` for a malformed frame (nothing of
         that push is kept)."""
-        checked = [validate_frame(f) for f in frames]
-        ready = self.take(checked, buffered_s)
+        ready = self.take(frames, buffered_s)
         if not ready:
             return np.zeros(0, dtype=np.float32)
         return self.program.run([(self._stream, ready, False)])[0]

@@ -291,3 +291,13 @@ async def test_a_cancelled_push_does_not_disturb_the_others(
         await cancelled
     # The worker drained the queue and stopped: a later push starts a new drain.
     assert (await batcher.push(b, _frames(1, 2))).size == SAMPLES_PER_FRAME
+
+
+async def test_batcher_rejects_a_bad_frame_without_keeping_part_of_the_push(
+    small_program: SnacProgram, executor: ThreadPoolExecutor
+) -> None:
+    batcher = DecodeBatcher(small_program, executor)
+    decoder = ExactStreamingDecoder(small_program, frames_per_call=8)
+    with pytest.raises(InvalidTokenError):
+        await batcher.push(decoder, [*_frames(2, 0), (1, 2, 3, 4, 5, 6, 4096)])
+    assert decoder.frames_received == 0
