@@ -169,22 +169,30 @@ class SpeechService:
         snac = load_snac(codec, device=device)
         engine = SpeechEngine(lm, engine_config)
         engine.start()
-        return cls(engine, snac, codec_threads=codec_threads)
+        service = cls(engine, snac, codec_threads=codec_threads)
+        service.snac_program  # built now, at startup, not by the first turn  # noqa: B018
+        return service
 
     @property
     def snac_program(self) -> Any:
-        """The codec as a :class:`~voxlane.server.snac_stream.SnacProgram` (built on first use)."""
+        """The codec as a :class:`~voxlane.server.snac_stream.SnacProgram` (built once; None
+        for a SNAC variant it cannot stream, which then decodes with the window decoder)."""
         if self._snac_program is None:
+            from voxlane.errors import ModelFormatError
             from voxlane.server.snac_stream import SnacProgram
 
-            self._snac_program = SnacProgram(self.codec)
-        return self._snac_program
+            try:
+                self._snac_program = SnacProgram(self.codec)
+            except ModelFormatError as exc:
+                log.warning("exact streaming decode unavailable, using the window decoder: %s", exc)
+                self._snac_program = False
+        return self._snac_program or None
 
     @property
     def decode_batcher(self) -> Any:
         """The :class:`~voxlane.server.snac_stream.DecodeBatcher` of the codec thread: exact
-        decoders of all turns decode in shared batches."""
-        if self._decode_batcher is None:
+        decoders of all turns decode in shared batches (None without a :attr:`snac_program`)."""
+        if self._decode_batcher is None and self.snac_program is not None:
             from voxlane.server.snac_stream import DecodeBatcher
 
             self._decode_batcher = DecodeBatcher(self.snac_program, self.codec_executor)
@@ -194,13 +202,12 @@ class SpeechService:
         """A fresh streaming decoder for one segment."""
         from voxlane.server.codec import StreamingDecoder
 
-        if settings.mode == "exact":
+        if settings.mode == "exact" and self.snac_program is not None:
             from voxlane.server.snac_stream import ExactStreamingDecoder
 
             return ExactStreamingDecoder(
                 self.snac_program, frames_per_call=settings.frames_per_call
             )
-
         return StreamingDecoder(
             self.codec,
             left=settings.left,

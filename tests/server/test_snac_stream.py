@@ -301,3 +301,26 @@ async def test_batcher_rejects_a_bad_frame_without_keeping_part_of_the_push(
     with pytest.raises(InvalidTokenError):
         await batcher.push(decoder, [*_frames(2, 0), (1, 2, 3, 4, 5, 6, 4096)])
     assert decoder.frames_received == 0
+
+
+def test_the_service_decodes_exactly_or_falls_back_to_windows(
+    small: SnacCodec, caplog: pytest.LogCaptureFixture
+) -> None:
+    from voxlane.server.app import DecoderSettings, SpeechService
+    from voxlane.server.codec import StreamingDecoder
+
+    exact = SpeechService(None, small)
+    with_attention = SpeechService(None, _small_snac(attn_window_size=8))
+    try:
+        assert isinstance(exact.new_decoder(DecoderSettings()), ExactStreamingDecoder)
+        assert exact.decode_batcher is not None
+        assert isinstance(exact.new_decoder(DecoderSettings(mode="window")), StreamingDecoder)
+        # A SNAC the program cannot stream still serves, with the window decoder.
+        assert isinstance(with_attention.new_decoder(DecoderSettings()), StreamingDecoder)
+        assert with_attention.decode_batcher is None
+        assert "window decoder" in caplog.text
+    finally:
+        exact.codec_executor.shutdown()
+        with_attention.codec_executor.shutdown()
+    with pytest.raises(OutOfRangeError):
+        DecoderSettings(mode="fast")  # type: ignore[arg-type]
