@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -324,3 +325,76 @@ def test_the_service_decodes_exactly_or_falls_back_to_windows(
         with_attention.codec_executor.shutdown()
     with pytest.raises(OutOfRangeError):
         DecoderSettings(mode="fast")  # type: ignore[arg-type]
+
+
+class _Recorded:
+    """A FrameStream that remembers its frames."""
+
+    def __init__(self, stream: Any, sink: list) -> None:
+        self.stream, self.sink = stream, sink
+
+    def __aiter__(self) -> Any:
+        return self._run()
+
+    async def _run(self) -> Any:
+        async for frame in self.stream:
+            self.sink.append(frame)
+            yield frame
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+
+async def test_concurrent_turns_through_the_batcher_hear_their_own_frames(
+    speech_service: Any,
+) -> None:
+    """Three real turns (engine, segmenter, pipeline) decode through one batcher at once: each
+    turn's audio is exactly the full decode of its own frames, segment by segment."""
+    from voxlane.server.app import DecoderSettings
+    from voxlane.server.engine import SamplingParams
+    from voxlane.server.pipeline import AudioChunk, TurnPipeline
+    from voxlane.server.text.segmenter import Segmenter
+
+    service = speech_service
+    engine = service.engine
+    batcher = service.decode_batcher
+    runs, calls = batcher.runs, batcher.calls
+    texts = ["Hello there, friend.", "A second voice speaks now.", "And a third one, quickly."]
+
+    async def turn(k: int) -> tuple[np.ndarray, list[list]]:
+        session = engine.open_session(engine.builtin_voice("tara"), window_segments=0)
+        segments: list[list] = []
+        params = SamplingParams(max_frames=12, seed=k)
+
+        def speak(text: str) -> _Recorded:
+            segments.append([])
+            return _Recorded(session.generate(text, params), segments[-1])
+
+        pipeline = TurnPipeline(
+            speak=speak,
+            new_decoder=lambda: service.new_decoder(DecoderSettings()),
+            decode_executor=service.codec_executor,
+            decode_batcher=batcher,
+            segmenter=Segmenter(),
+        )
+        pipeline.push_text(texts[k])
+        pipeline.end_text()
+        pcm = [item.pcm async for item in pipeline.events() if isinstance(item, AudioChunk)]
+        session.close()
+        return np.concatenate(pcm), segments
+
+    release = _hold(service.codec_executor)
+    tasks = [asyncio.create_task(turn(k)) for k in range(3)]
+    try:  # the turns' first decode calls queue behind the busy codec thread
+        for _ in range(1000):
+            if len(batcher._queue) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    results = await asyncio.gather(*tasks)
+    for pcm, segments in results:
+        expected = np.concatenate([service.codec.decode(frames) for frames in segments if frames])
+        assert pcm.shape == expected.shape
+        np.testing.assert_allclose(pcm, expected, atol=1e-4, rtol=0)
+    assert batcher.runs - runs < batcher.calls - calls  # some runs carried several turns
