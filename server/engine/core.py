@@ -484,7 +484,7 @@ class EngineCore:
         return out
 
     def _decode(self, batch: list[tuple[Request, int]]) -> None:
-        """Append each request's sampled token in one batched forward.
+        """Append each request's sampled token in one batched forward (one request included).
 
         If the batched forward fails, each request is retried alone so that a failure stays
         with the request that caused it (nothing was committed: cache lengths move only at
@@ -494,22 +494,22 @@ class EngineCore:
         batch = [(req, token) for req, token in batch if not req.done]
         if not batch:
             return
-        if len(batch) > 1:
-            states = [req.session for req, _ in batch]
-            try:
-                for state in states:
-                    assert state.cache is not None and state.cache.length == len(state.tokens)
-                hidden = self.model.decode_batch(
-                    [state.cache for state in states],  # type: ignore[misc]
-                    torch.tensor([t for _, t in batch], dtype=torch.long, device=self.model.device),
-                )
-            except Exception:
-                log.debug("batched decode failed; retrying its requests one by one", exc_info=True)
-            else:
-                for b, (req, token) in enumerate(batch):
-                    req.session.tokens.append(token)
-                    req.hidden = hidden[b]
-                return
+        # One request too: decode_batch is the (scripted) fast path.
+        states = [req.session for req, _ in batch]
+        try:
+            for state in states:
+                assert state.cache is not None and state.cache.length == len(state.tokens)
+            hidden = self.model.decode_batch(
+                [state.cache for state in states],  # type: ignore[misc]
+                torch.tensor([t for _, t in batch], dtype=torch.long, device=self.model.device),
+            )
+        except Exception:
+            log.debug("batched decode failed; retrying its requests one by one", exc_info=True)
+        else:
+            for b, (req, token) in enumerate(batch):
+                req.session.tokens.append(token)
+                req.hidden = hidden[b]
+            return
         for req, token in batch:
             try:
                 req.hidden = self._append(req.session, [token])

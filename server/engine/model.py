@@ -23,7 +23,7 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -306,6 +306,10 @@ class StepModel:
     ``forward`` returns the final-norm hidden states; the caller picks which rows of the LM
     head to multiply them with (:meth:`head_rows` is a view of ``lm_head.weight``, no copy).
 
+    ``scripted`` (default True): :meth:`decode_batch` runs all layers of fused float or fbgemm
+    int8 models as one TorchScript function (``scripted.py``: same ops, same results, one GIL
+    release per step instead of ~500); False keeps the Python path.
+
     ``quantize="int8"``: the q/k/v, o, gate/up and down projections of every layer become
     :class:`Int8Linear` (``int8_kernel``: None picks fbgemm on CPU, weight-only elsewhere).
     Prefill and decode both run them (on CPU int8 is faster than float at every row count
@@ -321,6 +325,7 @@ class StepModel:
         *,
         quantize: Quantize = "none",
         int8_kernel: Int8Kernel | None = None,
+        scripted: bool = True,
     ) -> None:
         if quantize not in ("none", "int8"):
             raise EngineError(f"quantize {quantize!r} is not 'none' or 'int8'")
@@ -356,6 +361,42 @@ class StepModel:
                 _quantize(f, layer, int8_kernel)
                 for f, layer in zip(self._fused, self.layers, strict=True)
             ]
+        self._scripted: tuple[Any, tuple[Any, ...]] | None = self._script(scripted)
+
+    def _script(self, enabled: bool) -> tuple[Any, tuple[Any, ...]] | None:
+        """The scripted decode step (``scripted.py``) and its weight arguments, where it applies:
+        fused layers with float weights or fbgemm int8 ones (not the weight-only kernel)."""
+        if not enabled or self._fused is None:
+            return None
+        if any(
+            isinstance(w, Int8Linear) and w.kernel != "fbgemm"
+            for layer in self._fused
+            for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+        ):
+            return None
+        from . import scripted
+
+        fn = scripted.decode_fn()
+        if fn is None:
+            return None
+        floats, packed, rowsums = scripted.layer_args(self._fused)
+        first = self._fused[0].wqkv
+        reduce_range = isinstance(first, Int8Linear) and first.reduce_range  # one CPU, one answer
+        args = (
+            [f.norm1 for f in self._fused],
+            [f.norm2 for f in self._fused],
+            [f.eps1 for f in self._fused],
+            [f.eps2 for f in self._fused],
+            floats,
+            packed,
+            rowsums,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            float(self.layers[0].self_attn.scaling),
+            reduce_range,
+        )
+        return fn, args
 
     # -- cache ---------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -479,6 +520,12 @@ class StepModel:
         x = self.embed(tokens.view(bsz, 1))  # [B, 1, D_model]
         cos, sin = self.rotary(x, positions)  # [B, 1, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D]
+        if self._scripted is not None:
+            fn, args = self._scripted
+            x = fn(x, cos, sin, [c.k for c in caches], [c.v for c in caches], starts, *args)
+            for cache, s in zip(caches, starts, strict=True):
+                cache.length = s + 1
+            return self.norm(x)[:, 0]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(i, x, cos, sin)  # [B, H, 1, D], [B, Hkv, 1, D] x2
             outs = []

@@ -1,0 +1,42 @@
+"""The scripted decode step: the same numbers as the Python path, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voxlane.server.engine.model import StepModel
+
+from .conftest import tiny_llama
+
+
+def _run(model: StepModel, steps: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Three sequences of different lengths, decoded together for ``steps`` steps."""
+    torch.manual_seed(1)
+    caches = [model.new_cache(64) for _ in range(3)]
+    for i, cache in enumerate(caches):
+        model.forward(cache, torch.randint(0, 1000, (1, 5 + 4 * i)))
+    hidden = []
+    for step in range(steps):
+        tokens = torch.tensor([130_000 + step, 140_000 + step, 150_000 + step])
+        batch = caches if step % 2 == 0 else caches[1:]  # batch sizes 3 and 2
+        hidden.append(model.decode_batch(batch, tokens[: len(batch)]))
+    return hidden, [c.k[:, :, :, : c.length] for c in caches]
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_scripted_step_equals_the_python_step(quantize: str) -> None:
+    scripted = StepModel(tiny_llama(seed=3), quantize=quantize)
+    python = StepModel(tiny_llama(seed=3), quantize=quantize, scripted=False)
+    assert scripted._scripted is not None and python._scripted is None
+    h1, k1 = _run(scripted)
+    h2, k2 = _run(python)
+    for a, b in zip(h1 + k1, h2 + k2, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_weight_only_kernel_keeps_the_python_path() -> None:
+    model = StepModel(tiny_llama(), quantize="int8", int8_kernel="weight_only")
+    assert model._scripted is None
+    hidden, _ = _run(model, steps=1)
+    assert hidden[0].shape == (3, 64) and torch.isfinite(hidden[0]).all()
