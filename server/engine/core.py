@@ -216,13 +216,34 @@ class EngineCore:
         self._jobs: list[tuple[Iterator[None], Callable[[BaseException | None], None]]] = []
         # Legal-row heads: the 4,096 rows of position p (a view of lm_head.weight; int8 copies
         # of them when the model is quantized).
-        self._rows = [
-            model.head_slice(
-                AUDIO_TOKEN_BASE + p * CODEBOOK_SIZE, AUDIO_TOKEN_BASE + (p + 1) * CODEBOOK_SIZE
-            )
+        bounds = [
+            (AUDIO_TOKEN_BASE + p * CODEBOOK_SIZE, AUDIO_TOKEN_BASE + (p + 1) * CODEBOOK_SIZE)
             for p in range(FRAME_SIZE)
         ]
+        self._rows = [model.head_slice(start, stop) for start, stop in bounds]
         self._eos_row = model.head_rows(END_OF_SPEECH, END_OF_SPEECH + 1)  # [1, D]
+        self._scripted_heads = self._script_heads(bounds)
+
+    def _script_heads(self, bounds: list[tuple[int, int]]) -> tuple[Any, ...] | None:
+        """:meth:`_heads` as one TorchScript call (``scripted.py``) where the model's decode step
+        is scripted too: same products, one GIL release instead of one per torch call."""
+        if getattr(self.model, "_scripted", None) is None:
+            return None
+        from . import scripted
+        from .model import Int8Linear
+
+        fn = scripted.heads_fn()
+        if fn is None:
+            return None
+        weights = [
+            r if isinstance(r, Int8Linear) else self.model.head_rows(start, stop)
+            for r, (start, stop) in zip(self._rows, bounds, strict=True)
+        ]
+        if any(isinstance(w, Int8Linear) and w.kernel != "fbgemm" for w in weights):
+            return None
+        floats, packed, rowsums = scripted.weight_args(weights)
+        reduce_range = isinstance(weights[0], Int8Linear) and weights[0].reduce_range
+        return fn, floats, packed, rowsums, reduce_range
 
     # -- thread-safe entry points -------------------------------------------------------
     def next_id(self) -> int:
@@ -468,6 +489,19 @@ class EngineCore:
         """Legal-row logits of each request at its own frame position: one matmul per
         position for all the requests there (``[n, D] @ [D, 4096]``), plus the EOS row where
         EOS is legal."""
+        if self._scripted_heads is not None and reqs:
+            fn, floats, packed, rowsums, reduce_range = self._scripted_heads
+            logits = fn(
+                [req.hidden for req in reqs],
+                [len(req.codes) for req in reqs],
+                [req.frames > 0 for req in reqs],
+                floats,
+                packed,
+                rowsums,
+                self._eos_row,
+                reduce_range,
+            )
+            return {req.id: row for req, row in zip(reqs, logits, strict=True)}
         groups: dict[int, list[Request]] = {}
         for req in reqs:
             groups.setdefault(len(req.codes), []).append(req)

@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["decode_fn"]
+__all__ = ["decode_fn", "heads_fn", "layer_args"]
 
 log = logging.getLogger("voxlane.engine")
 
-_SCRIPTED: Callable[..., Tensor] | None = None
-_FAILED = False
+_SCRIPTED: dict[str, Any] = {}
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -127,28 +126,71 @@ def _decode_layers(
     return x
 
 
-def decode_fn() -> Callable[..., Tensor] | None:
-    """The scripted :func:`_decode_layers` (compiled once per process), or None if this torch
-    build cannot script it."""
-    global _SCRIPTED, _FAILED
-    if _SCRIPTED is None and not _FAILED:
+def _legal_heads(
+    hidden: list[Tensor],
+    positions: list[int],
+    with_eos: list[bool],
+    floats: list[Tensor],
+    packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+    rowsums: list[Tensor],
+    eos_row: Tensor,
+    reduce_range: bool,
+) -> list[Tensor]:
+    """Legal-row logits of each hidden state at its frame position (``EngineCore._heads``):
+    one product per position for all the rows there, plus the EOS logit where ``with_eos``
+    (position 0 only)."""
+    out: list[Tensor] = []
+    for _ in range(len(hidden)):
+        out.append(eos_row)  # placeholders, all replaced below
+    for p in range(len(rowsums) if len(floats) == 0 else len(floats)):
+        rows: list[int] = []
+        for b in range(len(hidden)):
+            if positions[b] == p:
+                rows.append(b)
+        if len(rows) == 0:
+            continue
+        h = torch.stack([hidden[b] for b in rows])
+        logits = _linear(h, p, floats, packed, rowsums, reduce_range)  # [n, 4096]
+        eos = h @ eos_row.T if p == 0 else h  # [n, 1] (unused elsewhere)
+        for j in range(len(rows)):
+            b = rows[j]
+            out[b] = torch.cat((logits[j], eos[j])) if p == 0 and with_eos[b] else logits[j]
+    return out
+
+
+def _script(name: str, fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    if name not in _SCRIPTED:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.script's deprecation notice
-                _SCRIPTED = torch.jit.script(_decode_layers)
+                _SCRIPTED[name] = torch.jit.script(fn)
         except Exception:  # an old or future torch without these features: Python path
-            log.debug("scripting the decode step failed; using the Python path", exc_info=True)
-            _FAILED = True
-    return _SCRIPTED
+            log.debug("scripting %s failed; using the Python path", name, exc_info=True)
+            _SCRIPTED[name] = None
+    return _SCRIPTED[name]
+
+
+def decode_fn() -> Callable[..., Tensor] | None:
+    """The scripted :func:`_decode_layers` (compiled once per process), or None if this torch
+    build cannot script it."""
+    return _script("decode", _decode_layers)
+
+
+def heads_fn() -> Callable[..., list[Tensor]] | None:
+    """The scripted :func:`_legal_heads`, or None."""
+    return _script("heads", _legal_heads)
+
+
+def weight_args(weights: list[Any]) -> tuple[list[Tensor], list[Any], list[Tensor]]:
+    """``(floats, packed, rowsums)`` for :func:`_linear`: float weights as they are, or fbgemm
+    packed weights and row sums (see :class:`~voxlane.server.engine.model.Int8Linear`)."""
+    if all(isinstance(w, Tensor) for w in weights):
+        return list(weights), [], []
+    return [], [w._packed for w in weights], [w._rowsum for w in weights]
 
 
 def layer_args(fused: list[Any]) -> tuple[list[list[Tensor]], list[list[Any]], list[list[Tensor]]]:
-    """Per projection kind, the per-layer float weights, or fbgemm packed weights and row sums
-    (see :class:`~voxlane.server.engine.model.Int8Linear`)."""
+    """Per projection kind (qkv, o, gate_up, down), :func:`weight_args` of the layers."""
     kinds = ("wqkv", "wo", "w_gate_up", "w_down")
-    weights = [[getattr(layer, kind) for layer in fused] for kind in kinds]
-    if all(isinstance(w, Tensor) for ws in weights for w in ws):
-        return weights, [[] for _ in kinds], [[] for _ in kinds]
-    packed = [[w._packed for w in ws] for ws in weights]
-    rowsums = [[w._rowsum for w in ws] for ws in weights]
-    return [[] for _ in kinds], packed, rowsums
+    args = [weight_args([getattr(layer, kind) for layer in fused]) for kind in kinds]
+    return [a[0] for a in args], [a[1] for a in args], [a[2] for a in args]

@@ -40,3 +40,31 @@ def test_the_weight_only_kernel_keeps_the_python_path() -> None:
     assert model._scripted is None
     hidden, _ = _run(model, steps=1)
     assert hidden[0].shape == (3, 64) and torch.isfinite(hidden[0]).all()
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_scripted_heads_equal_the_python_heads(quantize: str) -> None:
+    from types import SimpleNamespace
+
+    from voxlane.server.engine import EngineConfig
+    from voxlane.server.engine.core import EngineCore
+    from voxlane.server.engine.model import Int8Linear
+
+    from .conftest import fake_encode
+
+    model = StepModel(tiny_llama(seed=4), quantize=quantize)
+    core = EngineCore(model, fake_encode, EngineConfig(max_context=256, quantize=quantize))
+    assert core._scripted_heads is not None
+    assert isinstance(core._rows[0], Int8Linear) == (quantize == "int8")
+    torch.manual_seed(2)
+    # Two rows at position 0 (one of them with EOS legal), one at 3, one at 6.
+    reqs = [
+        SimpleNamespace(id=i, hidden=torch.randn(64), codes=[0] * position, frames=frames)
+        for i, (position, frames) in enumerate([(0, 0), (0, 2), (3, 1), (6, 4)])
+    ]
+    scripted = core._heads(reqs)
+    core._scripted_heads = None
+    python = core._heads(reqs)
+    assert [scripted[r.id].shape[0] for r in reqs] == [4096, 4097, 4096, 4096]
+    for r in reqs:
+        assert torch.equal(scripted[r.id], python[r.id])
