@@ -70,7 +70,8 @@ def tiny_lm(tiny_model: LlamaForCausalLM) -> FakeLM:
 
 def _make_core(model: LlamaForCausalLM, **config: object) -> EngineCore:
     config.setdefault("max_context", 1024)
-    return EngineCore(StepModel(model), fake_encode, EngineConfig(**config))  # type: ignore[arg-type]
+    cfg = EngineConfig(**config)  # type: ignore[arg-type]
+    return EngineCore(StepModel(model, quantize=cfg.quantize), fake_encode, cfg)
 
 
 class Sink:
