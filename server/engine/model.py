@@ -32,6 +32,8 @@ from torch import Tensor
 from voxlane.errors import ContextOverflowError, EngineError, ModelFormatError
 
 from .config import Quantize
+from .scripted import _int8, _rotate_half
+from .scripted import _rms as _rms_norm
 
 __all__ = ["Int8Kernel", "Int8Linear", "KVCache", "StepModel"]
 
@@ -114,15 +116,7 @@ class Int8Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._packed is not None:
-            x32 = x.float()
-            lo, hi = torch.aminmax(x32, dim=-1, keepdim=True)  # [..., 1] each
-            span = (hi - lo).clamp_min_(1e-30)  # a constant row maps to 0, exactly
-            # Every row now spans exactly [0, 1] (its min maps to 0, its max to (hi-lo)/(hi-lo)
-            # = 1), so the kernel's whole-tensor range is [0, 1] whatever the other rows are.
-            y = torch.ops.quantized.linear_dynamic(
-                (x32 - lo).div_(span), self._packed, self.reduce_range
-            )
-            y = y.mul_(span).addcmul_(lo, self._rowsum)  # W (x' span + lo) = (W x') span + lo W1
+            y = _int8(x.float(), self._packed, self._rowsum, self.reduce_range)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         return F.linear(x, self._q.to(x.dtype)) * self._scale.to(x.dtype)  # type: ignore[union-attr]
 
@@ -130,11 +124,6 @@ class Int8Linear:
     def nbytes(self) -> int:
         """Bytes of the int8 values and scales (fbgemm's packed layout adds a little padding)."""
         return self.out_features * (self.in_features + 4)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 #: A projection weight as the forward uses it: a float ``[out, in]`` tensor or int8.
@@ -249,12 +238,6 @@ def _quantize(fused: _FusedLayer, layer: torch.nn.Module, kernel: Int8Kernel | N
         module.register_forward_pre_hook(_released_forward)
         setattr(module, _RELEASED, True)
     return quantized
-
-
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # As HF's LlamaRMSNorm: normalise in float32, scale in the model's dtype.
-    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    return weight * y.to(x.dtype)
 
 
 @dataclass(eq=False)

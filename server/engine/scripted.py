@@ -32,6 +32,9 @@ log = logging.getLogger("voxlane.engine")
 _SCRIPTED: dict[str, Any] = {}
 
 
+# The helpers below are also StepModel's Python path (model.py), so both paths run the same ops.
+
+
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     # As HF's LlamaRMSNorm: normalise in float32, scale in the model's dtype.
     y = torch.rms_norm(x.float(), [x.shape[-1]], None, eps)
@@ -49,9 +52,11 @@ def _int8(
     rowsum: Tensor,
     reduce_range: bool,
 ) -> Tensor:
-    # Int8Linear's fbgemm path: each row mapped onto [0, 1], the map undone on the output.
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    span = (hi - lo).clamp_min_(1e-30)
+    # Int8Linear's fbgemm product. Every row is mapped onto exactly [0, 1] (its min to 0, its
+    # max to 1), so fbgemm's whole-tensor activation range is [0, 1] whatever the other rows
+    # are; the map is undone on the output: W (x' span + lo) = (W x') span + lo (W 1).
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # [..., 1] each
+    span = (hi - lo).clamp_min_(1e-30)  # a constant row maps to 0, exactly
     y = torch.ops.quantized.linear_dynamic((x - lo).div_(span), packed, reduce_range)
     return y.mul_(span).addcmul_(lo, rowsum)
 
