@@ -13,7 +13,9 @@ layer by layer, so their cost is timed by running them: the whole stream pushed 
 frames at a time (1 = every frame as it arrives, the start of a turn; 8 = the steady state with
 a playback buffer), and ``streams`` streams batched in one :meth:`SnacProgram.run` per push
 (ragged batching across turns). Each exact scheme is run ``--repeats`` times interleaved with
-the others, median wall time per second of audio emitted.
+the others, median wall time per second of audio emitted. The ``_bf16`` schemes run the
+program with ``precision="bfloat16"`` (its GEMMs in bfloat16): their SNR is against the
+float32 full decode, and their gain depends on the CPU (``bf16_supported`` in the output).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from voxlane.server.codec import StreamingDecoder, load_snac
     from voxlane.server.demo import ensure_demo_snac
+    from voxlane.server.snac_stream import bf16_supported
 
     torch.set_num_threads(args.threads)
     codec = load_snac(ensure_demo_snac(), noise=False)
@@ -159,6 +162,9 @@ def run(args: argparse.Namespace) -> dict:
         "default": summary("exact_8"),
         "exact_per_frame": summary("exact_1"),
         "exact_batched_4_streams_per_frame": summary("exact_1_x4"),
+        "exact_bf16": summary("exact_8_bf16"),
+        "exact_bf16_per_frame": summary("exact_1_bf16"),
+        "bf16_supported": bf16_supported(),
         "window": summary("default"),
         "low_latency": summary("low_latency"),
         "schemes": schemes,
@@ -169,16 +175,25 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-# (per_call, streams) of the exact schemes.
-EXACT_SCHEMES = [(1, 1), (8, 1), (1, 4), (8, 4)]
+# (per_call, streams, precision) of the exact schemes.
+EXACT_SCHEMES = [
+    (1, 1, "float32"),
+    (8, 1, "float32"),
+    (1, 4, "float32"),
+    (8, 4, "float32"),
+    (1, 1, "bfloat16"),
+    (8, 1, "bfloat16"),
+]
+_SUFFIX = {"float32": "", "bfloat16": "_bf16"}
 
 
 def _exact_schemes(codec, frames, full, ref_cost: float, args: argparse.Namespace) -> list[dict]:
     from voxlane.server.snac_stream import ExactStreamingDecoder, SnacProgram
 
-    program = SnacProgram(codec)
+    programs = {p: SnacProgram(codec, precision=p) for p in _SUFFIX}
 
-    def one_run(per_call: int, streams: int) -> tuple[float, np.ndarray]:
+    def one_run(per_call: int, streams: int, precision: str) -> tuple[float, np.ndarray]:
+        program = programs[precision]
         states = [program.new_stream() for _ in range(streams)]
         out: list[np.ndarray] = []
         t0 = time.perf_counter()
@@ -188,9 +203,10 @@ def _exact_schemes(codec, frames, full, ref_cost: float, args: argparse.Namespac
         out.append(program.run([(s, [], True) for s in states])[0])
         return time.perf_counter() - t0, np.concatenate(out)
 
-    one_run(1, 1)  # warm-up
-    times: dict[tuple[int, int], list[float]] = {k: [] for k in EXACT_SCHEMES}
-    audio: dict[tuple[int, int], np.ndarray] = {}
+    for precision in programs:  # warm-up
+        one_run(1, 1, precision)
+    times: dict[tuple[int, int, str], list[float]] = {k: [] for k in EXACT_SCHEMES}
+    audio: dict[tuple[int, int, str], np.ndarray] = {}
     order = list(EXACT_SCHEMES)
     shuffle = random.Random(args.seed + 1)
     for _ in range(args.repeats):
@@ -198,21 +214,25 @@ def _exact_schemes(codec, frames, full, ref_cost: float, args: argparse.Namespac
         for key in order:
             seconds, audio[key] = one_run(*key)
             times[key].append(seconds)
-    first_tokens = ExactStreamingDecoder(program).first_audio_tokens
     rows = []
-    for per_call, streams in EXACT_SCHEMES:
-        pcm = audio[(per_call, streams)]
-        cost = statistics.median(times[(per_call, streams)]) / (streams * len(pcm) / SAMPLE_RATE)
+    for key in EXACT_SCHEMES:
+        per_call, streams, precision = key
+        program = programs[precision]
+        pcm = audio[key]
+        cost = statistics.median(times[key]) / (streams * len(pcm) / SAMPLE_RATE)
         rows.append(
             {
-                "name": f"exact_{per_call}" + (f"_x{streams}" if streams > 1 else ""),
+                "name": f"exact_{per_call}"
+                + (f"_x{streams}" if streams > 1 else "")
+                + _SUFFIX[precision],
                 "frames_per_call": per_call,
                 "streams": streams,
+                "precision": precision,
                 "frames_emitted": len(pcm) // SAMPLES_PER_FRAME,
                 "snr_db": _snr_db(pcm, full),
                 "cost_s_per_audio_s": round(cost, 4),
                 "cost_vs_reference": round(cost / ref_cost, 3),
-                "first_audio_tokens": first_tokens,
+                "first_audio_tokens": ExactStreamingDecoder(program).first_audio_tokens,
                 "delay_samples": program.delay,
             }
         )

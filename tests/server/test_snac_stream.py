@@ -27,6 +27,7 @@ from voxlane.server.snac_stream import (
     DecodeBatcher,
     ExactStreamingDecoder,
     SnacProgram,
+    bf16_supported,
 )
 
 N = 14
@@ -398,3 +399,106 @@ async def test_concurrent_turns_through_the_batcher_hear_their_own_frames(
         assert pcm.shape == expected.shape
         np.testing.assert_allclose(pcm, expected, atol=1e-4, rtol=0)
     assert batcher.runs - runs < batcher.calls - calls  # some runs carried several turns
+
+
+# -- precision="bfloat16": the GEMMs in bfloat16, the rest in float32 --------------------------
+
+
+def _snr_db(estimate: np.ndarray, target: np.ndarray) -> float:
+    noise = np.sum((estimate.astype(np.float64) - target) ** 2)
+    return float(10 * np.log10(np.sum(target.astype(np.float64) ** 2) / noise))
+
+
+@pytest.fixture(scope="module")
+def small_bf16(small: SnacCodec) -> SnacProgram:
+    return SnacProgram(small, precision="bfloat16")
+
+
+def test_bfloat16_keeps_lengths_and_lag(
+    small: SnacCodec, small_program: SnacProgram, small_bf16: SnacProgram
+) -> None:
+    assert (small_bf16.precision, small_bf16.dtype) == ("bfloat16", torch.float32)
+    assert small_bf16.delay == small_program.delay
+    frames = _frames(N, 4)
+    sizes = [1, 0, 3, 2, 5]
+    fp32 = _run_pattern(small_program, frames, sizes)
+    bf16 = _run_pattern(small_bf16, frames, sizes)
+    assert [x.size for x in bf16] == [x.size for x in fp32]
+    assert all(x.dtype == np.float32 for x in bf16)
+    # The noise blocks' GEMMs run in bfloat16 too.
+    small.noise = True
+    try:
+        noisy = SnacProgram(small, precision="bfloat16")
+        out = np.concatenate(_run_pattern(noisy, frames, sizes))
+        assert out.shape == (N * SAMPLES_PER_FRAME,) and np.isfinite(out).all()
+    finally:
+        small.noise = False
+
+
+def test_bfloat16_is_close_to_the_full_decode_but_not_exact(demo_snac_dir: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codec = load_snac(demo_snac_dir, noise=False)
+        program = SnacProgram(codec, precision="bfloat16")
+        frames, other = _frames(12, 6), _frames(12, 7)
+        full = codec.decode(frames)
+        fp32 = np.concatenate(_run_pattern(SnacProgram(codec), frames, [8]))
+        bf16 = np.concatenate(_run_pattern(program, frames, [8]))
+        # The same frames split differently and batched with another stream.
+        a, b = program.new_stream(), program.new_stream()
+        outs = [program.run([(a, frames[:5], False), (b, other[:3], False)])[0]]
+        outs.append(program.run([(b, other[3:], True), (a, frames[5:], True)])[1])
+        batched = np.concatenate(outs)
+    finally:
+        torch.set_num_threads(threads)
+    assert bf16.shape == batched.shape == full.shape
+    assert _snr_db(fp32, full) > 100
+    # ~39 dB on random codes (AMX and AVX512-BF16 alike): bfloat16 rounding, not exact.
+    assert 30 < _snr_db(bf16, full) < 80
+    assert not np.array_equal(bf16, fp32)
+    # Batch invariance within bfloat16's error: ~45 dB apart with AMX (bit-exact without).
+    assert _snr_db(batched, bf16) > 30 and _snr_db(batched, full) > 30
+
+
+def test_bfloat16_batched_run_matches_separate_runs(small_bf16: SnacProgram) -> None:
+    """Ragged batching keeps each stream's samples its own. Not bit for bit on AMX: oneDNN's
+    AMX GEMMs round a few outputs differently with the rows per call (~45 dB apart here)."""
+    streams = [_frames(N, s) for s in (30, 31, 32)]
+    alone = [np.concatenate(_run_pattern(small_bf16, f, [3, 3, 3, 3])) for f in streams]
+    states = [small_bf16.new_stream() for _ in streams]
+    outs: list[list[np.ndarray]] = [[] for _ in streams]
+    starts = [0, 0, 0]
+    for plan in [(2, 0, 5), (4, 1, 3), (8, 6, 6)]:
+        jobs = []
+        for k, (state, n) in enumerate(zip(states, plan, strict=True)):
+            jobs.append((state, streams[k][starts[k] : starts[k] + n], False))
+            starts[k] += n
+        for k, pcm in enumerate(small_bf16.run(jobs)):
+            outs[k].append(pcm)
+    finals = [(state, streams[k][starts[k] :], True) for k, state in enumerate(states)]
+    for k, pcm in enumerate(small_bf16.run(finals)):
+        outs[k].append(pcm)
+    for k in range(3):
+        batched = np.concatenate(outs[k])
+        assert batched.shape == alone[k].shape
+        assert _snr_db(batched, alone[k]) > 30  # ~145 dB here; another stream's: ~12 dB
+
+
+@pytest.mark.parametrize("precision", ["float16", "bf16", "", None, 16])
+def test_unknown_precision_is_out_of_range(small: SnacCodec, precision: Any) -> None:
+    with pytest.raises(OutOfRangeError, match="precision must be one of 'float32', 'bfloat16'"):
+        SnacProgram(small, precision=precision)
+
+
+def test_bf16_supported_needs_bf16_matrix_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bf16_supported("meta") is False
+    if not torch.cuda.is_available():
+        assert bf16_supported("cuda") is False
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert bf16_supported() is True
+    # AVX512-BF16 alone measured slower than float32: not counted.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    assert bf16_supported("cpu") is False
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older torch cannot tell
+    assert bf16_supported() is False
