@@ -32,7 +32,7 @@ from torch import Tensor
 from voxlane.errors import ContextOverflowError, EngineError, ModelFormatError
 
 from .config import Quantize
-from .scripted import _int8, _rotate_half
+from .scripted import _attend, _int8, _rotate_half
 from .scripted import _rms as _rms_norm
 
 __all__ = ["Int8Kernel", "Int8Linear", "KVCache", "StepModel"]
@@ -467,15 +467,19 @@ class StepModel:
             q, k, v = self._qkv(i, x, cos, sin)
             cache.k[i, :, :, start:end] = k
             cache.v[i, :, :, start:end] = v
-            o = F.scaled_dot_product_attention(
-                q,
-                cache.k[i, :, :, :end],  # [B, Hkv, S, D]
-                cache.v[i, :, :, :end],
-                attn_mask=mask,
-                is_causal=causal,
-                scale=layer.self_attn.scaling,
-                enable_gqa=True,
-            )  # [B, H, T, D]
+            kc, vc = cache.k[i, :, :, :end], cache.v[i, :, :, :end]  # [B, Hkv, S, D]
+            if t == 1:  # decode_batch's attention, so a decoded row equals it exactly
+                o = _attend(q, kc, vc, layer.self_attn.scaling)
+            else:
+                o = F.scaled_dot_product_attention(
+                    q,
+                    kc,
+                    vc,
+                    attn_mask=mask,
+                    is_causal=causal,
+                    scale=layer.self_attn.scaling,
+                    enable_gqa=True,
+                )  # [B, H, T, D]
             x = self._out_and_mlp(i, x, o)
         cache.length = end
         return self.norm(x)
@@ -486,9 +490,12 @@ class StepModel:
         to ``caches[b]`` at that cache's own position.
 
         Embeddings, projections, norms and MLPs run batched (``[B, 1, D]``); attention runs per
-        sequence over its own cache (one SDPA of ``[1, H, 1, D]`` against its valid slots), so
-        caches of different lengths need no padding, masks or copies. Row ``b`` equals
-        :meth:`forward` of ``tokens[b]`` alone up to float rounding. Returns ``[B, D_model]``.
+        sequence over its own cache (``scripted._attend`` of ``[1, H, 1, D]`` against its valid
+        slots: two grouped-query products in float32 on CPU from 128 keys on, SDPA otherwise),
+        so caches of different lengths need no padding, masks or copies. Row ``b`` equals
+        :meth:`forward` of ``tokens[b]`` alone up to float rounding (single-token forwards run
+        the same attention; with fbgemm int8 they are equal bit for bit). Returns
+        ``[B, D_model]``.
         """
         bsz = tokens.shape[0]
         if bsz != len(caches):
@@ -515,15 +522,8 @@ class StepModel:
             for b, (cache, s) in enumerate(zip(caches, starts, strict=True)):
                 cache.k[i, 0, :, s] = k[b, :, 0]
                 cache.v[i, 0, :, s] = v[b, :, 0]
-                outs.append(
-                    F.scaled_dot_product_attention(
-                        q[b : b + 1],
-                        cache.k[i, :, :, : s + 1],
-                        cache.v[i, :, :, : s + 1],
-                        scale=layer.self_attn.scaling,
-                        enable_gqa=True,
-                    )
-                )  # [1, H, 1, D]
+                kc, vc = cache.k[i, :, :, : s + 1], cache.v[i, :, :, : s + 1]  # [1, Hkv, s+1, D]
+                outs.append(_attend(q[b : b + 1], kc, vc, layer.self_attn.scaling))  # [1, H, 1, D]
             x = self._out_and_mlp(i, x, torch.cat(outs))
         for cache, s in zip(caches, starts, strict=True):
             cache.length = s + 1

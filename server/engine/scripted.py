@@ -46,6 +46,28 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Attention of one query token per sequence over all its cached keys (no mask).
+
+    ``q`` ``[B, H, 1, D]``, ``k``/``v`` ``[B, H_kv, S, D]`` (cache slices) -> ``[B, H, 1, D]``.
+    With grouped queries (``H > H_kv``), float32 on CPU and ``S >= 128``, it is two batched
+    products, each KV head against its group of ``H / H_kv`` query heads (cache slices viewed,
+    never expanded or copied), where SDPA's CPU kernel handles each query head separately.
+    Everywhere else SDPA measured faster and is used (1 thread): below 128 keys its one call
+    costs less than these four ops; with one query head per KV head (MHA) the products are
+    ~10% slower; in bf16 on CPU SDPA is 2-4x faster than the products in float32 (a bf16
+    ``bmm`` is slower still and rounds the scores); on a GPU it is one fused kernel that
+    accumulates in float32. See docs/architecture-engine.md, "Decode attention".
+    """
+    bsz, h, d = q.shape[0], q.shape[1], q.shape[3]
+    hk, s = k.shape[1], k.shape[2]
+    if h == hk or s < 128 or q.dtype != torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    qg = q.reshape(bsz * hk, h // hk, d)  # [B Hkv, G, D]: a KV head's query group
+    w = torch.bmm(qg, k.reshape(bsz * hk, s, d).transpose(1, 2)).mul_(scale).softmax(-1)
+    return torch.bmm(w, v.reshape(bsz * hk, s, d)).view(bsz, h, 1, d)  # from [B Hkv, G, D]
+
+
 def _int8(
     x: Tensor,
     packed: torch.classes.quantized.LinearPackedParamsBase,  # type: ignore[name-defined]
@@ -114,15 +136,7 @@ def _decode_layers(
             vc = v_caches[b]
             kc[i, 0, :, s] = k[b, :, 0]
             vc[i, 0, :, s] = v[b, :, 0]
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[b : b + 1],
-                    kc[i, :, :, : s + 1],
-                    vc[i, :, :, : s + 1],
-                    scale=scaling,
-                    enable_gqa=True,
-                )
-            )
+            outs.append(_attend(q[b : b + 1], kc[i, :, :, : s + 1], vc[i, :, :, : s + 1], scaling))
         o = torch.cat(outs).transpose(1, 2).reshape(bsz, 1, h * d)
         x = x + _linear(o, i, floats[1], packed[1], rowsums[1], reduce_range)
         a = _rms(x, norm2[i], eps2[i])

@@ -1,25 +1,82 @@
-"""StepModel: our forward equals HF's; RoPE re-indexing equals computing at the new position."""
+"""StepModel: our forward equals HF's; RoPE re-indexing equals computing at the new position;
+the decode attention equals SDPA."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from voxlane.server.engine.model import StepModel
+from voxlane.server.engine.scripted import _attend
 from voxlane.server.orpheus import audio_token_range
 
 
 def test_forward_matches_hf_prefill_then_decode(tiny_model) -> None:
+    # Decoded tokens on both sides of 128 keys, where decode attention leaves SDPA.
     sm = StepModel(tiny_model)
     gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, sm.vocab_size, (1, 60), generator=gen)
-    cache = sm.new_cache(128)
-    chunks = [tokens[:, :25], tokens[:, 25:50]] + [tokens[:, i : i + 1] for i in range(50, 60)]
-    hidden = torch.cat([sm.forward(cache, c) for c in chunks], dim=1)  # [1, 60, D]
+    tokens = torch.randint(0, sm.vocab_size, (1, 140), generator=gen)
+    cache = sm.new_cache(160)
+    chunks = [tokens[:, :25], tokens[:, 25:120]] + [tokens[:, i : i + 1] for i in range(120, 140)]
+    hidden = torch.cat([sm.forward(cache, c) for c in chunks], dim=1)  # [1, 140, D]
     ours = hidden @ sm.head_weight.T
     with torch.no_grad():
         ref = tiny_model(tokens).logits
-    assert cache.length == 60
+    assert cache.length == 140
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(8, 2), (6, 3), (4, 4)])  # GQA 4:1, 2:1, MHA
+def test_decode_attention_equals_sdpa(heads: tuple[int, int], dtype: torch.dtype) -> None:
+    # Read from cache slices ([L, B, Hkv, S_max, D]) and a query sliced out of a fused q/k
+    # tensor, as the decode step does, with two sequences (forward of B = 2, T = 1).
+    h, hk = heads
+    gen = torch.Generator().manual_seed(h)
+    k_cache = torch.randn(2, 2, hk, 1100, 64, generator=gen).to(dtype)
+    v_cache = torch.randn(2, 2, hk, 1100, 64, generator=gen).to(dtype)
+    q = (torch.randn(2, h + hk, 1, 64, generator=gen) * 3).to(dtype)[:, :h]  # peaky softmax
+    for s in (1, 7, 127, 128, 129, 400, 1100):
+        k, v = k_cache[1, :, :, :s], v_cache[1, :, :, :s]
+        out = _attend(q, k, v, 0.125)
+        assert out.dtype == dtype and out.shape == (2, h, 1, 64)
+        # Reference in float32 from the same (rounded) inputs, as SDPA's math kernel computes
+        # low-precision inputs. bf16 allows about one unit in the last place of the output
+        # (|out| < 4: 2**-6); a wrong head grouping, scale or key range is off by ~0.1-1.
+        ref = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), scale=0.125, enable_gqa=True
+        )
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-2)
+        if s == 1:  # one key: its value, whatever the scores
+            assert torch.equal(out, v.expand(2, hk, 1, 64).repeat_interleave(h // hk, 1))
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_decode_batch_rows_equal_single_forwards_across_the_attention_switch(
+    kit, quantize: str
+) -> None:
+    # Lengths below, at and above 128 keys: single-token forwards run the same attention, so
+    # int8 rows are equal bit for bit (row-independent projections), float within rounding.
+    model = StepModel(kit.tiny_llama(seed=5), quantize=quantize)
+    caches = [model.new_cache(256) for _ in range(3)]
+    for i, (cache, n) in enumerate(zip(caches, (40, 127, 200), strict=True)):
+        model.forward(cache, torch.arange(100, 100 + n).unsqueeze(0) * (i + 1))
+    tokens = torch.tensor([7, 800, 90_000])
+    alone = []
+    for b, cache in enumerate(caches):
+        copy = type(cache)(cache.k.clone(), cache.v.clone(), cache.length)
+        alone.append(model.forward(copy, tokens[b : b + 1].view(1, 1))[0, -1])
+    batched = model.decode_batch(caches, tokens)
+    assert [c.length for c in caches] == [41, 128, 201]
+    for b in range(3):
+        if quantize == "int8":
+            assert torch.equal(batched[b], alone[b])
+        else:
+            assert (batched[b] - alone[b]).abs().max().item() <= 1e-5
 
 
 def test_legal_rows_are_a_view_of_the_head(tiny_model) -> None:

@@ -11,11 +11,13 @@ from .conftest import tiny_llama
 
 
 def _run(model: StepModel, steps: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Three sequences of different lengths, decoded together for ``steps`` steps."""
+    """Three sequences of different lengths, decoded together for ``steps`` steps. Attention
+    switches from SDPA to the GQA products at 128 keys: one sequence stays below, one crosses
+    over during the steps, one is above throughout."""
     torch.manual_seed(1)
-    caches = [model.new_cache(64) for _ in range(3)]
-    for i, cache in enumerate(caches):
-        model.forward(cache, torch.randint(0, 1000, (1, 5 + 4 * i)))
+    caches = [model.new_cache(160) for _ in range(3)]
+    for cache, length in zip(caches, (5, 126, 140), strict=True):
+        model.forward(cache, torch.randint(0, 1000, (1, length)))
     hidden = []
     for step in range(steps):
         tokens = torch.tensor([130_000 + step, 140_000 + step, 150_000 + step])
