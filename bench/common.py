@@ -6,25 +6,47 @@ import argparse
 from typing import Any, Literal
 
 
-def add_service_arguments(parser: argparse.ArgumentParser, *, quantize: str) -> None:
-    """``--model``, ``--threads`` and ``--quantize`` (default ``quantize``) of the benchmarks
-    that run a whole :class:`~voxlane.server.app.SpeechService` (see :func:`load_demo_service`).
+def add_service_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    quantize: str,
+    codec_precision: str = "float32",
+) -> None:
+    """``--model``, ``--threads``, ``--quantize`` (default ``quantize``), ``--codec-worker`` and
+    ``--codec-precision`` (default ``codec_precision``) of the benchmarks that run a whole
+    :class:`~voxlane.server.app.SpeechService` (see :func:`load_demo_service`).
     """
     parser.add_argument("--model", default="small", help="demo LM size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model thread")
     parser.add_argument(
         "--quantize", default=quantize, choices=["none", "int8"], help="speech LM weights"
     )
+    parser.add_argument(
+        "--codec-worker", default="process", choices=["process", "thread"], help="SNAC runs here"
+    )
+    parser.add_argument(
+        "--codec-precision",
+        default=codec_precision,
+        choices=["float32", "bfloat16"],
+        help="SNAC's matrix products",
+    )
 
 
 def load_demo_service(
-    model: str, threads: int, *, max_context: int, quantize: Literal["none", "int8"] = "none"
+    model: str,
+    threads: int,
+    *,
+    max_context: int,
+    quantize: Literal["none", "int8"] = "none",
+    codec_worker: Literal["process", "thread"] = "process",
+    codec_precision: Literal["float32", "bfloat16"] = "float32",
 ) -> Any:
     """A started :class:`~voxlane.server.app.SpeechService` on the demo checkpoints.
 
     ``threads`` torch intra-op threads for the caller, the engine thread and the codec thread;
     SNAC's noise is off so decodes are deterministic. ``quantize``: the engine's
-    :attr:`~voxlane.server.engine.EngineConfig.quantize`.
+    :attr:`~voxlane.server.engine.EngineConfig.quantize`; ``codec_worker`` and
+    ``codec_precision``: as :meth:`~voxlane.server.app.SpeechService.load`.
     """
     import torch
 
@@ -38,6 +60,8 @@ def load_demo_service(
         str(ensure_demo_snac()),
         engine_config=EngineConfig(num_threads=threads, max_context=max_context, quantize=quantize),
         codec_threads=threads,
+        codec_worker=codec_worker,
+        codec_precision=codec_precision,
     )
     service.codec.noise = False
     return service

@@ -1,9 +1,12 @@
 """Many streams at once: batched-decode throughput, real-time streams, first audio under load.
 
-Everything runs on the ``--model`` demo LM (default ``small``) in one process, its layer
-weights in ``--quantize`` (default int8; ``python -m bench engine`` reports what int8 changes
-in the logits and frames); the engine thread and the codec thread get ``--threads`` torch
-threads each. Only ratios from one run mean anything (the box is shared).
+Everything runs on the ``--model`` demo LM (default ``small``), its layer weights in
+``--quantize`` (default int8; ``python -m bench engine`` reports what int8 changes in the
+logits and frames), and the demo SNAC, decoded exactly in a child process (``--codec-worker``,
+default ``process`` as ``voxlane serve``) with its matrix products in ``--codec-precision``
+(default bfloat16; ``codec_snr_db`` is what that changes: the bf16 decode of 32 random frames
+against the float32 one). The engine thread and the codec get ``--threads`` torch threads
+each. Only ratios from one run mean anything (the box is shared).
 
 - ``tokens_per_s``: aggregate audio tokens/s of the engine alone (no SNAC) with 1, 2, 4 and 8
   streams started together, each generating ``--frames`` frames of its own text and seed (a
@@ -15,9 +18,9 @@ threads each. Only ratios from one run mean anything (the box is shared).
   stream's first frame needed them, in some round.
 - ``realtime_streams``: the most turns started together (1, 2, 3, ...) that the whole server
   path keeps real time: :class:`TurnPipeline` per turn (segmenter, engine, streaming SNAC
-  decoder batched across turns on the shared codec thread, 40 ms chunks), counting underruns
-  against a client that plays from the first chunk on. The first count with an underrun stops
-  the search.
+  decoder batched across turns on the shared codec worker, 40 ms chunks), counting the
+  underruns of ``turn.done`` (a client that starts playing once it holds 120 ms, the SDK
+  Player's default lead). The first count with an underrun stops the search.
 - ``first_audio_p50_ms`` / ``first_audio_p95_ms``: first text to first chunk of the turns of
   that last real-time run (``--repeats`` runs at that load, pooled).
 - ``capacity_estimate``: the streams the engine's own measurement (calibration plus live
@@ -41,7 +44,7 @@ TEXT = "Hey there, my name is Tara, and I am a speech model that talks to many p
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.common import add_service_arguments
 
-    add_service_arguments(parser, quantize="int8")
+    add_service_arguments(parser, quantize="int8", codec_precision="bfloat16")
     parser.add_argument("--frames", type=int, default=24, help="frames per throughput stream")
     parser.add_argument("--turn-frames", type=int, default=48, help="frames per real-time turn")
     parser.add_argument("--max-streams", type=int, default=8, help="real-time search bound")
@@ -113,6 +116,21 @@ async def _turns(service: Any, n: int, frames: int, seed: int) -> list[dict[str,
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
+def _codec_snr_db(codec: Any, precision: str, seed: int) -> float:
+    """What ``precision`` changes in the exact decoder's audio: SNR (dB) of its decode of 32
+    random frames against the float32 decode of the same frames."""
+    import numpy as np
+
+    from voxlane.server.snac_stream import SnacProgram
+
+    frames = np.random.default_rng(seed).integers(0, 4096, (32, 7))
+    ref, out = (
+        (p := SnacProgram(codec, precision=prec)).run([(p.new_stream(), frames, True)])[0]
+        for prec in ("float32", precision)
+    )
+    return round(float(10 * np.log10((ref**2).sum() / ((ref - out) ** 2).sum())), 1)
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
@@ -122,14 +140,27 @@ def _pct(values: list[float], q: float) -> float:
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     from bench.common import load_demo_service
 
-    service = load_demo_service(args.model, args.threads, max_context=2048, quantize=args.quantize)
+    service = load_demo_service(
+        args.model,
+        args.threads,
+        max_context=2048,
+        quantize=args.quantize,
+        codec_worker=args.codec_worker,
+        codec_precision=args.codec_precision,
+    )
     engine = service.engine
     result: dict[str, Any] = {
         "model": args.model,
         "threads": args.threads,
         "quantize": args.quantize,
+        "codec_worker": args.codec_worker,
+        "codec_precision": args.codec_precision,
     }
     try:
+        if args.codec_precision != "float32":
+            result["codec_snr_db"] = await asyncio.to_thread(
+                _codec_snr_db, service.codec, args.codec_precision, args.seed
+            )
         await _throughput(engine, 1, 4, args.seed)  # warm-up
         runs: dict[int, dict[str, float]] = {}
         lm_realtime = 0

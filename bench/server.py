@@ -287,7 +287,14 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     from voxlane.server.app import DecoderSettings, ServerConfig, VoxlaneServer
     from voxlane.server.engine import SamplingParams
 
-    service = load_demo_service(args.model, args.threads, max_context=4096, quantize=args.quantize)
+    service = load_demo_service(
+        args.model,
+        args.threads,
+        max_context=4096,
+        quantize=args.quantize,
+        codec_worker=args.codec_worker,
+        codec_precision=args.codec_precision,
+    )
     settings = DecoderSettings()
     params = SamplingParams(max_frames=64, seed=args.seed)
     config = ServerConfig(port=0, auth=False, api_keys=(), decoder=settings)
@@ -295,6 +302,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "threads": args.threads,
         "quantize": args.quantize,
+        "codec_worker": args.codec_worker,
+        "codec_precision": args.codec_precision,
     }
     try:
         async with (

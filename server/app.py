@@ -130,12 +130,19 @@ class SpeechService:
         *,
         decode_workers: int = 1,
         codec_threads: int | None = None,
+        codec_precision: str = "float32",
+        snac_program: Any = None,
     ) -> None:
         """``codec_threads``: torch intra-op threads of the codec thread (None: torch's
         default). On a small CPU box shared with the engine thread, 1 avoids OpenMP workers of
-        the two threads spinning against each other."""
+        the two threads spinning against each other. ``codec_precision``: the
+        :class:`~voxlane.server.snac_stream.SnacProgram` ``precision`` of exact decoding.
+        ``snac_program``: the exact decoder's program if already built (:meth:`load` passes a
+        :class:`~voxlane.server.snac_worker.SnacWorkerProgram`); None builds a
+        :class:`~voxlane.server.snac_stream.SnacProgram` in this process on first use."""
         self.engine = engine
         self.codec = codec
+        self.codec_precision = codec_precision
         # One codec thread: decodes of all streams queue here instead of fighting for cores.
         self.codec_executor = ThreadPoolExecutor(
             decode_workers,
@@ -143,7 +150,7 @@ class SpeechService:
             initializer=_set_torch_threads if codec_threads else None,
             initargs=(codec_threads,) if codec_threads else (),
         )
-        self._snac_program: Any = None
+        self._snac_program: Any = snac_program
         self._decode_batcher: Any = None
 
     @classmethod
@@ -156,20 +163,48 @@ class SpeechService:
         dtype: str = "float32",
         engine_config: Any = None,
         codec_threads: int | None = None,
+        codec_worker: Literal["process", "thread"] = "process",
+        codec_precision: Literal["float32", "bfloat16"] = "float32",
     ) -> SpeechService:
         """Load the speech LM and SNAC from hub ids or local directories and start the engine.
 
         ``engine_config.num_threads`` and ``codec_threads`` set the torch threads of the
-        engine thread and of the codec thread."""
+        engine thread and of the codec (thread or process). ``codec_worker="process"``
+        (default): exact streaming decoding runs in a child process
+        (:class:`~voxlane.server.snac_worker.SnacWorkerProgram`, started here, while the LM
+        loads), so its many short torch calls never contend for this process's GIL with the
+        engine and the event loop; ``"thread"`` runs it on the codec thread of this process.
+        ``codec_precision``: ``"bfloat16"`` runs the exact decoder's GEMMs in bfloat16 (faster
+        on CPUs with AMX / AVX512-BF16 and on GPUs; ~40 dB from the float32 decode)."""
         from voxlane.server.codec import load_snac
         from voxlane.server.engine.engine import SpeechEngine
         from voxlane.server.lm import load_speech_lm
 
-        lm = load_speech_lm(model, dtype=dtype, device=device)
+        if codec_worker not in ("process", "thread"):
+            raise OutOfRangeError(f"codec_worker {codec_worker!r} is not 'process' or 'thread'")
         snac = load_snac(codec, device=device)
-        engine = SpeechEngine(lm, engine_config)
+        program: Any = None
+        with ThreadPoolExecutor(1, thread_name_prefix="voxlane-load") as pool:
+            worker = None
+            if codec_worker == "process":  # the child starts while the LM loads
+                worker = pool.submit(_start_worker, codec, snac, codec_threads, codec_precision)
+            try:
+                lm = load_speech_lm(model, dtype=dtype, device=device)
+                engine = SpeechEngine(lm, engine_config)
+            except BaseException:
+                if worker is not None and worker.exception() is None and worker.result():
+                    worker.result().close()
+                raise
+            if worker is not None:
+                program = worker.result()
         engine.start()
-        service = cls(engine, snac, codec_threads=codec_threads)
+        service = cls(
+            engine,
+            snac,
+            codec_threads=codec_threads,
+            codec_precision=codec_precision,
+            snac_program=program,
+        )
         service.snac_program  # built now, at startup, not by the first turn  # noqa: B018
         return service
 
@@ -182,7 +217,7 @@ class SpeechService:
             from voxlane.server.snac_stream import SnacProgram
 
             try:
-                self._snac_program = SnacProgram(self.codec)
+                self._snac_program = SnacProgram(self.codec, precision=self.codec_precision)
             except ModelFormatError as exc:
                 log.warning("exact streaming decode unavailable, using the window decoder: %s", exc)
                 self._snac_program = False
@@ -246,10 +281,26 @@ class SpeechService:
         return frames, len(frames) * SAMPLES_PER_FRAME / SAMPLE_RATE
 
     async def aclose(self) -> None:
-        """Stop the engine thread and the codec thread."""
+        """Stop the engine thread, the codec thread and the codec process (if any)."""
         await self.engine.aclose()
         # Waiting for a decode in progress must not block the event loop.
         await asyncio.to_thread(self.codec_executor.shutdown, wait=True, cancel_futures=True)
+        close = getattr(self._snac_program, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+
+def _start_worker(source: str, codec: Any, threads: int | None, precision: str) -> Any:
+    """The codec process for :meth:`SpeechService.load`, or False for a SNAC that cannot be
+    decoded exactly (the service then uses the window decoder, with a warning)."""
+    from voxlane.errors import ModelFormatError
+    from voxlane.server.snac_worker import SnacWorkerProgram
+
+    try:
+        return SnacWorkerProgram(source, codec, threads=threads, precision=precision)
+    except ModelFormatError as exc:
+        log.warning("exact streaming decode unavailable, using the window decoder: %s", exc)
+        return False
 
 
 def _set_torch_threads(n: int) -> None:

@@ -64,6 +64,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         help="int8: the speech LM's layer weights in int8 (CPU decode ~2x faster, small drift)",
     )
+    p.add_argument(
+        "--codec-worker",
+        choices=["process", "thread"],
+        default="process",
+        help="where exact SNAC decoding runs: a child process (no GIL contention with the"
+        " engine) or a thread of the server process",
+    )
+    p.add_argument(
+        "--codec-precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: SNAC's matrix products in bf16 (~1.5x faster on CPUs with AMX or"
+        " AVX512-BF16, ~40 dB from the float32 decode)",
+    )
     p.add_argument("--log-level", default="INFO")
     agent = p.add_argument_group("agent mode (the server asks an OpenAI-compatible LLM)")
     agent.add_argument(
@@ -150,6 +164,8 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
             max_batch=args.max_batch,
             quantize=args.quantize,
         ),
+        codec_worker=args.codec_worker,
+        codec_precision=args.codec_precision,
     )
     return VoxlaneServer(service, config)
 
