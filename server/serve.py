@@ -72,6 +72,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         " engine) or a thread of the server process",
     )
     p.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        help="torch threads of the speech LM (default on CPU: the cores the codec leaves)",
+    )
+    p.add_argument(
+        "--codec-threads",
+        type=int,
+        default=None,
+        help="torch threads of SNAC decoding (default on CPU: 1)",
+    )
+    p.add_argument(
         "--codec-precision",
         choices=["float32", "bfloat16"],
         default="float32",
@@ -163,7 +175,9 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
             admission=args.admission,
             max_batch=args.max_batch,
             quantize=args.quantize,
+            num_threads=args.engine_threads,
         ),
+        codec_threads=args.codec_threads,
         codec_worker=args.codec_worker,
         codec_precision=args.codec_precision,
     )

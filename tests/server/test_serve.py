@@ -1,0 +1,58 @@
+"""``voxlane serve``'s flags reach the service it builds (real demo checkpoints, no socket)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from voxlane.server.serve import add_serve_arguments, build_server
+from voxlane.server.snac_stream import SnacProgram
+from voxlane.server.snac_worker import SnacWorkerProgram
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_decode_in_a_child_with_one_thread(
+    demo_root: Path, demo_lm_tiny_dir: Path, demo_snac_dir: Path
+) -> None:
+    server = build_server(_args("--demo", "tiny", "--demo-root", str(demo_root), "--no-auth"))
+    service = server.service
+    try:
+        program = service.snac_program
+        assert isinstance(program, SnacWorkerProgram)
+        assert program.threads == 1 and program.precision == "float32"
+        # The LM gets the cores the codec does not use.
+        assert service.engine.config.num_threads == max(1, (os.cpu_count() or 2) - 1)
+    finally:
+        asyncio.run(service.aclose())
+
+
+def test_codec_flags_choose_a_thread_and_bf16(
+    demo_root: Path, demo_lm_tiny_dir: Path, demo_snac_dir: Path
+) -> None:
+    args = _args(
+        "--demo",
+        "tiny",
+        "--demo-root",
+        str(demo_root),
+        "--no-auth",
+        "--codec-worker",
+        "thread",
+        "--codec-precision",
+        "bfloat16",
+        "--engine-threads",
+        "1",
+    )
+    service = build_server(args).service
+    try:
+        program = service.snac_program
+        assert type(program) is SnacProgram and program.precision == "bfloat16"
+        assert service.engine.config.num_threads == 1
+    finally:
+        asyncio.run(service.aclose())
