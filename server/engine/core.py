@@ -279,8 +279,13 @@ class EngineCore:
     def _prepare(self, state: SessionState) -> None:
         if state.cache is not None:
             return
-        state.cache = self.model.new_cache(self.config.max_context)
         prefix = self.voice_prefix(state.voice)
+        # Room for the prefix and a segment or two now; the cache grows (doubling) up to
+        # max_context only if the session's context does.
+        held = len(prefix.tokens) if prefix is not None else 0
+        state.cache = self.model.new_cache(
+            self.config.max_context, allocate=held + self.config.initial_cache_slots
+        )
         if prefix is not None:
             state.cache.load(prefix.k, prefix.v)
             state.tokens = list(prefix.tokens)

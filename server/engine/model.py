@@ -244,21 +244,46 @@ def _quantize(fused: _FusedLayer, layer: torch.nn.Module, kernel: Int8Kernel | N
 class KVCache:
     """Keys (post-RoPE) and values of one sequence, addressed by position.
 
-    ``k`` and ``v`` are ``[L, B, H_kv, S_max, D]``; slots ``0 .. length-1`` are valid.
+    ``k`` and ``v`` are ``[L, B, H_kv, S, D]``; slots ``0 .. length-1`` are valid.
     Truncating (rollback) is free: only ``length`` changes.
+
+    ``S`` (:attr:`allocated`) may be less than :attr:`capacity` (``limit``): :meth:`reserve`
+    then grows the tensors (doubling, up to the limit, copying the valid slots), so a session
+    holds memory for the context it uses rather than for the most it may ever use.
     """
 
     k: Tensor
     v: Tensor
     length: int = 0
+    limit: int | None = None  # most slots it may grow to (None: what is allocated)
 
     @property
     def capacity(self) -> int:
+        """Most slots this cache holds, grown or not."""
+        return self.allocated if self.limit is None else self.limit
+
+    @property
+    def allocated(self) -> int:
+        """Slots allocated now."""
         return self.k.shape[3]
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def reserve(self, n: int) -> None:
+        """Make slots ``0 .. n-1`` writable: grow the tensors if needed (at least doubling,
+        capped at :attr:`capacity`). Raises ``ContextOverflowError`` beyond the capacity."""
+        if n <= self.allocated:
+            return
+        if n > self.capacity:
+            raise ContextOverflowError(f"{n} slots do not fit a context of {self.capacity}")
+        size = min(self.capacity, max(n, 2 * self.allocated))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:3], size, old.shape[4]))
+            new[:, :, :, : self.length].copy_(old[:, :, :, : self.length])
+            setattr(self, name, new)
 
     def truncate(self, length: int) -> None:
         """Forget every slot from ``length`` on (a cancelled or failed segment)."""
@@ -273,6 +298,8 @@ class KVCache:
             raise ContextOverflowError(
                 f"a voice prefix of {n} tokens does not fit a context of {self.capacity}"
             )
+        self.length = 0  # nothing to keep when growing
+        self.reserve(n)
         self.k[:, :, :, :n].copy_(k)
         self.v[:, :, :, :n].copy_(v)
         self.length = n
@@ -382,12 +409,16 @@ class StepModel:
         return fn, args
 
     # -- cache ---------------------------------------------------------------------------
-    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        """An empty cache of ``capacity`` slots (allocated, not zeroed)."""
-        shape = (self.n_layers, batch, self.n_kv_heads, capacity, self.head_dim)
+    def new_cache(self, capacity: int, batch: int = 1, *, allocate: int | None = None) -> KVCache:
+        """An empty cache of ``capacity`` slots (not zeroed). ``allocate``: slots to allocate
+        now (default all); the cache grows on demand up to ``capacity`` (:meth:`KVCache.reserve`).
+        """
+        size = capacity if allocate is None else max(1, min(allocate, capacity))
+        shape = (self.n_layers, batch, self.n_kv_heads, size, self.head_dim)
         return KVCache(
             k=torch.empty(shape, dtype=self.dtype, device=self.device),
             v=torch.empty(shape, dtype=self.dtype, device=self.device),
+            limit=capacity,
         )
 
     def head_rows(self, start: int, stop: int) -> Tensor:
@@ -451,6 +482,7 @@ class StepModel:
             raise ContextOverflowError(
                 f"{t} more tokens after {start} do not fit a context of {cache.capacity}"
             )
+        cache.reserve(end)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
         x = self.embed(tokens)  # [B, T, D_model]
         cos, sin = self.rotary(x, positions)  # [1, T, D] each
@@ -506,6 +538,8 @@ class StepModel:
                 raise ContextOverflowError(f"1 more token after {s} does not fit {c.capacity}")
             if c.k.shape[1] != 1:
                 raise EngineError("decode_batch needs caches of batch size 1")
+        for c, s in zip(caches, starts, strict=True):
+            c.reserve(s + 1)
         positions = torch.tensor(starts, device=self.device).unsqueeze(1)  # [B, 1]
         x = self.embed(tokens.view(bsz, 1))  # [B, 1, D_model]
         cos, sin = self.rotary(x, positions)  # [B, 1, D]

@@ -227,3 +227,33 @@ def test_a_voice_prefill_does_not_stall_other_sessions(kit, tiny_model) -> None:
     assert not req.done  # it kept stepping: one token per chunk of the prefix
     kit.run_until_done(core, req)
     assert len(sink.frames) == 40
+
+
+def test_session_caches_grow_on_demand_and_decode_the_same(kit, tiny_model) -> None:
+    """A session allocates its prefix plus ``initial_cache_slots`` and grows (doubling) as its
+    context does; the frames are those of a cache allocated whole, and growth stops at
+    max_context with the usual typed error."""
+    voice = Voice.clone(kit.encode, "the reference transcript", REFERENCE)
+    out = []
+    for slots in (16, 4096):
+        core = kit.make_core(tiny_model, initial_cache_slots=slots, max_context=1024)
+        state = core.new_session(voice, window_segments=4)
+        prefix = state.prefix_len
+        assert state.cache.allocated == min(1024, prefix + slots)
+        frames = []
+        for i in range(2):
+            req, sink = kit.submit(core, state, f"segment {i}", max_frames=6, seed=3 + i)
+            kit.run_until_done(core, req)
+            frames += sink.frames
+        out.append(frames)
+        if slots == 16:
+            used = len(state.tokens)
+            assert used > prefix + 16  # it had to grow ...
+            assert prefix + 16 < state.cache.allocated < 1024  # ... by doubling, not to the limit
+            assert state.cache.allocated >= used
+    assert out[0] == out[1] and len(out[0]) == 12
+    cache = kit.make_core(tiny_model).model.new_cache(64, allocate=8)
+    cache.reserve(40)
+    assert cache.allocated == 40 and cache.capacity == 64  # doubling gives 16; 40 asked
+    with pytest.raises(ContextOverflowError):
+        cache.reserve(65)
