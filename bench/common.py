@@ -65,3 +65,15 @@ def load_demo_service(
     )
     service.codec.noise = False
     return service
+
+
+def service_from_args(args: argparse.Namespace, *, max_context: int) -> Any:
+    """:func:`load_demo_service` with the options of :func:`add_service_arguments`."""
+    return load_demo_service(
+        args.model,
+        args.threads,
+        max_context=max_context,
+        quantize=args.quantize,
+        codec_worker=args.codec_worker,
+        codec_precision=args.codec_precision,
+    )

@@ -140,16 +140,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.common import load_demo_service
+    from bench.common import service_from_args
 
-    service = load_demo_service(
-        args.model,
-        args.threads,
-        max_context=2048,
-        quantize=args.quantize,
-        codec_worker=args.codec_worker,
-        codec_precision=args.codec_precision,
-    )
+    service = service_from_args(args, max_context=2048)
     engine = service.engine
     result: dict[str, Any] = {
         "model": args.model,

@@ -283,18 +283,11 @@ async def _realtime(ws: Any, turn_id: str, rate: float) -> dict[str, Any]:
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     import websockets
 
-    from bench.common import load_demo_service
+    from bench.common import service_from_args
     from voxlane.server.app import DecoderSettings, ServerConfig, VoxlaneServer
     from voxlane.server.engine import SamplingParams
 
-    service = load_demo_service(
-        args.model,
-        args.threads,
-        max_context=4096,
-        quantize=args.quantize,
-        codec_worker=args.codec_worker,
-        codec_precision=args.codec_precision,
-    )
+    service = service_from_args(args, max_context=4096)
     settings = DecoderSettings()
     params = SamplingParams(max_frames=64, seed=args.seed)
     config = ServerConfig(port=0, auth=False, api_keys=(), decoder=settings)

@@ -53,6 +53,7 @@ __all__ = [
     "SnacProgram",
     "SnacStream",
     "bf16_supported",
+    "check_run",
 ]
 
 _FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
@@ -514,12 +515,7 @@ class SnacProgram:
         """
         if not jobs:
             return []
-        states = [job[0] for job in jobs]
-        if len({id(s) for s in states}) != len(states):
-            raise ValueError("a stream appears twice in one run")
-        for s in states:
-            if s.finished:
-                raise ValueError("this stream already ended (final=True); start a new one")
+        states = check_run(jobs)
         batch = _Batch(states=states, finals=[bool(j[2]) for j in jobs], noise=self.codec.noise)
         xs: list[Tensor] = []
         for state, frames, _ in jobs:
@@ -538,6 +534,19 @@ class SnacProgram:
                 state.finished = True
             out.append(pcm)
         return out
+
+
+def check_run(jobs: Sequence[tuple[Any, Sequence[Frame], bool]]) -> list[Any]:
+    """The streams of a run's ``(stream, frames, final)`` jobs; ``ValueError`` if one appears
+    twice or already ended (shared by every program with :meth:`SnacProgram.run`'s interface).
+    """
+    states = [job[0] for job in jobs]
+    if len({id(s) for s in states}) != len(states):
+        raise ValueError("a stream appears twice in one run")
+    for s in states:
+        if s.finished:
+            raise ValueError("this stream already ended (final=True); start a new one")
+    return states
 
 
 class ExactStreamingDecoder:

@@ -43,6 +43,7 @@ import numpy as np
 
 from voxlane.errors import EngineError, VoxlaneError
 from voxlane.server.orpheus import FRAME_SIZE, Frame
+from voxlane.server.snac_stream import check_run
 
 __all__ = ["SnacWorkerProgram", "WorkerStream"]
 
@@ -190,12 +191,7 @@ class SnacWorkerProgram:
         """
         if not jobs:
             return []
-        states = [job[0] for job in jobs]
-        if len({id(s) for s in states}) != len(states):
-            raise ValueError("a stream appears twice in one run")
-        for s in states:
-            if s.finished:
-                raise ValueError("this stream already ended (final=True); start a new one")
+        states = check_run(jobs)
         with self._lock:
             if self._closed:
                 raise EngineError("the SNAC decoding process is closed")
