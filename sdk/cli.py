@@ -302,6 +302,18 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--max-frames", type=int, default=48, help="audio frames per segment (85 ms)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llm-tps", type=float, default=30.0, help="simulated LLM tokens per second")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: the speech LM's layers in int8 (the fast CPU setting, as `serve --quantize`)",
+    )
+    p.add_argument(
+        "--codec-precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="SNAC's matrix products (as `serve --codec-precision`)",
+    )
     handlers["demo"] = _cmd_demo
 
     p = sub.add_parser(

@@ -57,6 +57,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from voxlane.server.app import ServerConfig, SpeechService, VoxlaneServer
     from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
+    from voxlane.server.engine import EngineConfig
 
     hf_logging.disable_progress_bar()  # the demo prints its own one-line timings
     t0 = time.perf_counter()
@@ -64,8 +65,18 @@ def run_demo(args: argparse.Namespace) -> int:
     snac_dir = ensure_demo_snac(args.root)
     print(f"demo weights   {lm_dir.parent}  ({time.perf_counter() - t0:.1f} s)")
     t0 = time.perf_counter()
-    service = SpeechService.load(str(lm_dir), str(snac_dir))
-    print(f"models loaded  speech LM {args.size} + SNAC 24 kHz  ({time.perf_counter() - t0:.1f} s)")
+    quantize = getattr(args, "quantize", "none")
+    precision = getattr(args, "codec_precision", "float32")
+    service = SpeechService.load(
+        str(lm_dir),
+        str(snac_dir),
+        engine_config=EngineConfig(quantize=quantize),
+        codec_precision=precision,
+    )
+    print(
+        f"models loaded  speech LM {args.size} ({'int8 layers' if quantize == 'int8' else 'float'})"
+        f" + SNAC 24 kHz ({precision} GEMMs)  ({time.perf_counter() - t0:.1f} s)"
+    )
     key = secrets.token_urlsafe(16)
 
     async def main() -> dict:
