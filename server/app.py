@@ -180,7 +180,7 @@ class SpeechService:
         loads), so its many short torch calls never contend for this process's GIL with the
         engine and the event loop; ``"thread"`` runs it on the codec thread of this process.
         ``codec_precision``: ``"bfloat16"`` runs the exact decoder's GEMMs in bfloat16 (faster
-        on CPUs with AMX / AVX512-BF16 and on GPUs; ~40 dB from the float32 decode)."""
+        on CPUs with AMX and on GPUs; ~40 dB from the float32 decode)."""
         from voxlane.server.codec import load_snac
         from voxlane.server.engine import EngineConfig
         from voxlane.server.engine.engine import SpeechEngine
@@ -188,7 +188,9 @@ class SpeechService:
 
         if codec_worker not in ("process", "thread"):
             raise OutOfRangeError(f"codec_worker {codec_worker!r} is not 'process' or 'thread'")
-        if torch_device_is_cpu(device):
+        import torch
+
+        if torch.device(device).type == "cpu":
             if codec_threads is None:
                 codec_threads = 1
             engine_config = engine_config or EngineConfig()
@@ -301,11 +303,6 @@ class SpeechService:
         close = getattr(self._snac_program, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
-
-
-def torch_device_is_cpu(device: str) -> bool:
-    """Whether a torch device string (``"cpu"``, ``"cuda:1"``, ...) names the CPU."""
-    return device.split(":", 1)[0].strip().lower() == "cpu"
 
 
 def _start_worker(source: str, codec: Any, threads: int | None, precision: str) -> Any:

@@ -87,8 +87,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--codec-precision",
         choices=["float32", "bfloat16"],
         default="float32",
-        help="bfloat16: SNAC's matrix products in bf16 (~1.5x faster on CPUs with AMX or"
-        " AVX512-BF16, ~40 dB from the float32 decode)",
+        help="bfloat16: SNAC's matrix products in bf16 (~1.4x faster on CPUs with AMX,"
+        " ~40 dB from the float32 decode)",
     )
     p.add_argument("--log-level", default="INFO")
     agent = p.add_argument_group("agent mode (the server asks an OpenAI-compatible LLM)")
