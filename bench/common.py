@@ -19,7 +19,7 @@ def add_service_arguments(
     parser.add_argument("--model", default="small", help="demo LM size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model thread")
     parser.add_argument(
-        "--quantize", default=quantize, choices=["none", "int8"], help="speech LM weights"
+        "--quantize", default=quantize, choices=["none", "int8", "int4"], help="speech LM weights"
     )
     parser.add_argument(
         "--codec-worker", default="process", choices=["process", "thread"], help="SNAC runs here"
@@ -37,7 +37,7 @@ def load_demo_service(
     threads: int,
     *,
     max_context: int,
-    quantize: Literal["none", "int8"] = "none",
+    quantize: Literal["none", "int8", "int4"] = "none",
     codec_worker: Literal["process", "thread"] = "process",
     codec_precision: Literal["float32", "bfloat16"] = "float32",
 ) -> Any:

@@ -23,7 +23,9 @@ with other processes on 2 cores, 2 OpenMP threads spin against each other).
   after a real prompt, both models fed fp32's greedy sequence. ``frames_identical_prefix``:
   frames two engines (fp32, int8) sample for the same text and seed before their first
   differing frame, out of ``frames_compared``; ``_bf16``: the same for fp32 vs the
-  checkpoint's bf16 weights, for scale (random weights give near-flat distributions).
+  checkpoint's bf16 weights, for scale (random weights give near-flat distributions). The
+  same keys with ``_int4`` (``int4_vs_int8_speedup``: int8's step time over int4's) measure
+  ``quantize="int4"`` in the same rounds.
 
 Raw numbers behind each ratio are in the output, plus the eviction measurement (re-prefill vs
 RoPE re-index of a window, and the re-index logit drift) and the prefix copy vs prefill cost.
@@ -208,11 +210,15 @@ def _legal_heads(sm: StepModel) -> list[Any]:
     return [sm.head_slice(s, s + CODEBOOK_SIZE) for s in starts]
 
 
-def _int8_steps(fp32: Any, int8: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Decode-step time of fp32 vs int8 StepModels, and int8's logits vs fp32's (greedy,
-    teacher-forced)."""
+def _int8_steps(fp32: Any, int8: Any, int4: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Decode-step time of fp32, int8 and int4 StepModels, and the quantized models' logits vs
+    fp32's (greedy, teacher-forced). int8's keys have no suffix, int4's end in ``_int4``."""
     torch.set_num_threads(args.threads)
-    models = {"fp32": StepModel(fp32.model), "int8": StepModel(int8.model, quantize="int8")}
+    models = {
+        "fp32": StepModel(fp32.model),
+        "int8": StepModel(int8.model, quantize="int8"),
+        "int4": StepModel(int4.model, quantize="int4"),
+    }
     heads = {name: _legal_heads(sm) for name, sm in models.items()}
     prompt = torch.tensor([finetuned_prompt(fp32.encode, "tara", TEXT)])
     n_prompt = prompt.shape[1]
@@ -245,25 +251,31 @@ def _int8_steps(fp32: Any, int8: Any, args: argparse.Namespace) -> dict[str, Any
                     best[key] = min(best.get(key, float("inf")), ms)
         for key in ("", "_b2"):
             out[f"step_ms_fp32{key}"] = round(best[f"fp32{key}"], 2)
-            out[f"step_ms_int8{key}"] = round(best[f"int8{key}"], 2)
-            out[f"int8_speedup{key}"] = round(best[f"fp32{key}"] / best[f"int8{key}"], 3)
-        # Accuracy: both fed fp32's greedy legal token.
+            for q in ("int8", "int4"):
+                out[f"step_ms_{q}{key}"] = round(best[f"{q}{key}"], 2)
+                out[f"{q}_speedup{key}"] = round(best[f"fp32{key}"] / best[f"{q}{key}"], 3)
+            out[f"int4_vs_int8_speedup{key}"] = round(best[f"int8{key}"] / best[f"int4{key}"], 3)
+        # Accuracy: every model fed fp32's greedy legal token.
         n = args.int8_tokens
         cache = {name: sm.new_cache(n_prompt + n) for name, sm in models.items()}
         hidden = {name: sm.forward(cache[name], prompt)[:, -1] for name, sm in models.items()}
-        agree, signal, noise, cos_min = 0, 0.0, 0.0, 1.0
+        stats = {q: {"agree": 0, "signal": 0.0, "noise": 0.0, "cos": 1.0} for q in ("int8", "int4")}
         for i in range(n):
             a = heads["fp32"][i % FRAME_SIZE](hidden["fp32"])[0]
-            b = heads["int8"][i % FRAME_SIZE](hidden["int8"])[0]
-            agree += int(a.argmax() == b.argmax())
-            signal += a.double().pow(2).sum().item()
-            noise += (a - b).double().pow(2).sum().item()
-            cos_min = min(cos_min, torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+            for q, st in stats.items():
+                b = heads[q][i % FRAME_SIZE](hidden[q])[0]
+                st["agree"] += int(a.argmax() == b.argmax())
+                st["signal"] += a.double().pow(2).sum().item()
+                st["noise"] += (a - b).double().pow(2).sum().item()
+                cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+                st["cos"] = min(st["cos"], cos)
             token = torch.tensor([[audio_token(int(a.argmax()), i % FRAME_SIZE)]])
             hidden = {name: sm.forward(cache[name], token)[:, -1] for name, sm in models.items()}
-    out["top1_agreement"] = round(agree / n, 4)
-    out["logit_snr_db"] = round(10 * math.log10(signal / noise), 2)
-    out["logit_cosine_min"] = round(cos_min, 5)
+    for q, st in stats.items():
+        suffix = "" if q == "int8" else f"_{q}"
+        out[f"top1_agreement{suffix}"] = round(st["agree"] / n, 4)
+        out[f"logit_snr_db{suffix}"] = round(10 * math.log10(st["signal"] / st["noise"]), 2)
+        out[f"logit_cosine_min{suffix}"] = round(st["cos"], 5)
     out["teacher_forced_tokens"] = n
     return out
 
@@ -289,7 +301,11 @@ async def _int8(fp32_engine: SpeechEngine, args: argparse.Namespace) -> dict[str
     # The same comparison for the checkpoint's own bf16 weights (a change nobody objects to):
     # on a random-weight model the legal distributions are nearly flat, so any perturbation
     # reorders near-tied tokens and the sampled frames part at once.
-    for key, dtype, quantize in (("", "float32", "int8"), ("_bf16", "bfloat16", "none")):
+    for key, dtype, quantize in (
+        ("", "float32", "int8"),
+        ("_int4", "float32", "int4"),
+        ("_bf16", "bfloat16", "none"),
+    ):
         lm = await asyncio.to_thread(load_speech_lm, path, dtype=dtype)
         config = EngineConfig(num_threads=args.threads, quantize=quantize)  # type: ignore[arg-type]
         engine = SpeechEngine(lm, config)
@@ -302,8 +318,8 @@ async def _int8(fp32_engine: SpeechEngine, args: argparse.Namespace) -> dict[str
             await engine.aclose()
     block["frames_compared"] = len(reference)
     load = functools.partial(load_speech_lm, path, dtype="float32")
-    fp32, int8 = await asyncio.to_thread(load), await asyncio.to_thread(load)
-    block |= await asyncio.to_thread(_int8_steps, fp32, int8, args)
+    fp32, int8, int4 = [await asyncio.to_thread(load) for _ in range(3)]
+    block |= await asyncio.to_thread(_int8_steps, fp32, int8, int4, args)
     return block
 
 

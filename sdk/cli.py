@@ -304,9 +304,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--llm-tps", type=float, default=30.0, help="simulated LLM tokens per second")
     p.add_argument(
         "--quantize",
-        choices=["none", "int8"],
+        choices=["none", "int8", "int4"],
         default="none",
-        help="int8: the speech LM's layers in int8 (the fast CPU setting, as `serve --quantize`)",
+        help="int8: the speech LM's layers in int8 (the fast CPU setting, as `serve --quantize`);"
+        " int4: 4-bit decode weights",
     )
     p.add_argument(
         "--codec-precision",

@@ -74,7 +74,8 @@ def run_demo(args: argparse.Namespace) -> int:
         codec_precision=precision,
     )
     print(
-        f"models loaded  speech LM {args.size} ({'int8 layers' if quantize == 'int8' else 'float'})"
+        f"models loaded  speech LM {args.size}"
+        f" ({'float' if quantize == 'none' else quantize + ' layers'})"
         f" + SNAC 24 kHz ({precision} GEMMs)  ({time.perf_counter() - t0:.1f} s)"
     )
     key = secrets.token_urlsafe(16)

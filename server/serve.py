@@ -60,9 +60,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="most requests per engine step")
     p.add_argument(
         "--quantize",
-        choices=["none", "int8"],
+        choices=["none", "int8", "int4"],
         default="none",
-        help="int8: the speech LM's layer weights in int8 (CPU decode ~2x faster, small drift)",
+        help="int8: the speech LM's layer weights in int8 (CPU decode ~2x faster, small drift);"
+        " int4 (CPU): decode steps from 4-bit weights (faster still at 1-2 streams, more drift)",
     )
     p.add_argument(
         "--codec-worker",

@@ -241,7 +241,7 @@ class EngineCore:
         ]
         if any(isinstance(w, Int8Linear) and w.kernel != "fbgemm" for w in weights):
             return None
-        floats, packed, rowsums = scripted.weight_args(weights)
+        floats, packed, rowsums, _, _ = scripted.weight_args(weights)
         reduce_range = isinstance(weights[0], Int8Linear) and weights[0].reduce_range
         return fn, floats, packed, rowsums, reduce_range
 

@@ -32,10 +32,10 @@ from torch import Tensor
 from voxlane.errors import ContextOverflowError, EngineError, ModelFormatError
 
 from .config import Quantize
-from .scripted import _attend, _int8, _rotate_half
+from .scripted import _attend, _int4, _int8, _rotate_half
 from .scripted import _rms as _rms_norm
 
-__all__ = ["Int8Kernel", "Int8Linear", "KVCache", "StepModel"]
+__all__ = ["Int4Linear", "Int8Kernel", "Int8Linear", "KVCache", "StepModel"]
 
 Int8Kernel = Literal["fbgemm", "weight_only"]
 
@@ -126,8 +126,87 @@ class Int8Linear:
         return self.out_features * (self.in_features + 4)
 
 
-#: A projection weight as the forward uses it: a float ``[out, in]`` tensor or int8.
-_Weight = Tensor | Int8Linear
+def _int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+#: Group sizes torch's CPU int4 kernel takes, largest (fewest scale bytes) first.
+INT4_GROUP_SIZES = (128, 64, 32)
+
+
+class Int4Linear:
+    """``x @ weight.T`` for decode steps from 4-bit weights; prefill chunks from an int8 copy.
+
+    A CPU decode step reads every weight once per token, so its time follows the weight bytes:
+    int4 reads half of int8's. Each group of ``group_size`` consecutive inputs of an output row
+    gets its own scale and offset (asymmetric, as gpt-fast's int4 and llama.cpp's Q4 formats):
+    ``w ~ (q - 8) * scale + zero`` with ``q`` in 0..15 and ``scale``/``zero`` in bfloat16.
+    The product is torch's CPU int4 weight-only kernel (``_weight_int4pack_mm_for_cpu``) on
+    bfloat16 activations, accumulated in float32. Every output row is its own dot products, so a
+    ``decode_batch`` row equals the same token decoded alone bit for bit.
+
+    The int4 kernel unpacks every weight for every input row: it beats fbgemm's int8 GEMM at
+    1-2 rows, is level at ~4 and slower beyond (docs/architecture-engine.md, "int4"). A
+    prefill chunk (``x`` ``[B, T, D]`` with ``T > 1``, up to thousands of rows) therefore runs
+    an :class:`Int8Linear` of the same float weights, kept alongside: 1.5 bytes per weight
+    resident instead of int8's 1 (Orpheus 3B: ~4.5 GB against 3 GB int8 and 6 GB bf16).
+
+    CPU only (no GPU kernel is wired up here). ``group_size`` (default: the largest of
+    :data:`INT4_GROUP_SIZES` that fits) must divide the input features, and the output features
+    must be a multiple of 16 (the kernel's tiles); Llama layers of any published size fit.
+    """
+
+    def __init__(self, weight: Tensor, group_size: int | None = None) -> None:
+        if weight.dim() != 2:
+            raise EngineError(f"Int4Linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        if weight.device.type != "cpu":
+            raise EngineError(
+                f"int4 weights run on CPU only, not {weight.device}: use quantize='int8' or 'none'"
+            )
+        if not _int4_available():
+            raise EngineError("this torch build has no CPU int4 kernel: use quantize='int8'")
+        n, k = weight.shape
+        if group_size is None:
+            group_size = next((g for g in INT4_GROUP_SIZES if k % g == 0), None)
+        if group_size not in INT4_GROUP_SIZES or k % group_size:
+            raise EngineError(
+                f"int4 groups of {group_size} do not fit {k} input features"
+                f" (the kernel takes groups of {', '.join(map(str, INT4_GROUP_SIZES))})"
+            )
+        if n % 16:
+            raise EngineError(f"int4 weights need a multiple of 16 output features, not {n}")
+        self.out_features, self.in_features = n, k
+        self.group_size = group_size
+        self.dtype = weight.dtype
+        w = weight.detach().float().reshape(n, k // group_size, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [n, groups]
+        # Rounded to bfloat16 first, so the codes are chosen against the values the kernel uses.
+        scale = ((hi - lo) / 15).clamp_min(1e-12).to(torch.bfloat16).float()
+        zero = (lo + 8 * scale).to(torch.bfloat16).float()  # the value of code 8
+        q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
+        codes = q.to(torch.int32).reshape(n, k)
+        self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self._scales_zeros = (
+            torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+        )  # [groups, n, 2], the kernel's layout
+        self.prefill = Int8Linear(weight)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() == 3 and x.shape[1] > 1:  # [B, T > 1, D]: a prefill chunk
+            return self.prefill(x)
+        return _int4(x, self._int4, self._scales_zeros, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the 4-bit codes, their scales and offsets, and the int8 prefill copy."""
+        groups = self.in_features // self.group_size
+        return self.out_features * (self.in_features // 2 + 4 * groups) + self.prefill.nbytes
+
+
+#: A projection weight as the forward uses it: a float ``[out, in]`` tensor, int8 or int4.
+_Weight = Tensor | Int8Linear | Int4Linear
 
 
 def _linear(x: Tensor, w: _Weight) -> Tensor:
@@ -173,10 +252,11 @@ def _fuse(layer: torch.nn.Module) -> _FusedLayer | None:
     attn, mlp = layer.self_attn, layer.mlp
     linears = _projections(layer)
     projs = linears[:4]
-    if any(getattr(lin, _RELEASED, False) for lin in linears):
+    released = [mode for lin in linears if (mode := getattr(lin, _RELEASED, None))]
+    if released:
         raise EngineError(
-            "this model's layer weights were moved into an int8 StepModel (quantize='int8'):"
-            " load the checkpoint again to build another model from it"
+            "this model's layer weights were moved into a quantized StepModel"
+            f" (quantize={released[0]!r}): load the checkpoint again to build another model from it"
         )
     if any(lin.bias is not None for lin in linears):
         return None
@@ -207,36 +287,54 @@ def _fuse(layer: torch.nn.Module) -> _FusedLayer | None:
     )
 
 
-#: Attribute set on an HF projection whose float weight an int8 StepModel released.
-_RELEASED = "_voxlane_int8_released"
+#: Attribute set on an HF projection whose float weight a quantized StepModel released (the
+#: value is the ``quantize`` mode).
+_RELEASED = "_voxlane_released"
 
 
 def _released_forward(module: torch.nn.Module, args: object) -> None:
     raise EngineError(
-        "this layer's float weights were released by the engine's int8 StepModel"
-        " (quantize='int8'): run the model through the engine, or load it again to run it in float"
+        "this layer's float weights were released by the engine's quantized StepModel"
+        f" (quantize={getattr(module, _RELEASED)!r}): run the model through the engine, or load"
+        " it again to run it in float"
     )
 
 
-def _quantize(fused: _FusedLayer, layer: torch.nn.Module, kernel: Int8Kernel | None) -> _FusedLayer:
-    """``fused`` with int8 projections; the layer's float projection weights are released.
+def _quantize(
+    fused: _FusedLayer,
+    layer: torch.nn.Module,
+    quantize: Quantize,
+    kernel: Int8Kernel | None,
+) -> _FusedLayer:
+    """``fused`` with int8 or int4 projections; the layer's float projection weights are released.
 
     The HF modules' weights are views of the fused tensors (or the tensors themselves), so the
     float memory is freed only once every module lets go of them: each is replaced by an empty
     tensor and the module refuses to run (a clear error instead of wrong numbers).
     """
+    weights = (fused.wqkv, fused.wo, fused.w_gate_up, fused.w_down)
+    # One int4 group size for the whole layer: the scripted step passes a single one.
+    inputs = {w.shape[1] for w in weights}  # type: ignore[union-attr]
+    group = next((g for g in INT4_GROUP_SIZES if all(k % g == 0 for k in inputs)), None)
+
+    def make(weight: _Weight) -> _Weight:
+        assert isinstance(weight, Tensor)
+        if quantize == "int4":
+            return Int4Linear(weight, group or INT4_GROUP_SIZES[-1])  # no fit: Int4Linear says so
+        return Int8Linear(weight, kernel)
+
     quantized = replace(
         fused,
-        wqkv=Int8Linear(fused.wqkv, kernel),  # type: ignore[arg-type]
-        wo=Int8Linear(fused.wo, kernel),  # type: ignore[arg-type]
-        w_gate_up=Int8Linear(fused.w_gate_up, kernel),  # type: ignore[arg-type]
-        w_down=Int8Linear(fused.w_down, kernel),  # type: ignore[arg-type]
+        wqkv=make(fused.wqkv),
+        wo=make(fused.wo),
+        w_gate_up=make(fused.w_gate_up),
+        w_down=make(fused.w_down),
     )
     for module in _projections(layer):
         w = module.weight
         module.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)
         module.register_forward_pre_hook(_released_forward)
-        setattr(module, _RELEASED, True)
+        setattr(module, _RELEASED, quantize)
     return quantized
 
 
@@ -337,8 +435,8 @@ class StepModel:
         int8_kernel: Int8Kernel | None = None,
         scripted: bool = True,
     ) -> None:
-        if quantize not in ("none", "int8"):
-            raise EngineError(f"quantize {quantize!r} is not 'none' or 'int8'")
+        if quantize not in ("none", "int8", "int4"):
+            raise EngineError(f"quantize {quantize!r} is not 'none', 'int8' or 'int4'")
         cfg = hf_model.config
         hf_model.requires_grad_(False)  # inference only; lets plain ops mix with cache tensors
         base = hf_model.model
@@ -361,14 +459,14 @@ class StepModel:
         self._fused: list[_FusedLayer] | None = None if None in fused else fused  # type: ignore[assignment]
         self.quantize: Quantize = quantize
         self._int8_kernel = int8_kernel
-        if quantize == "int8":
+        if quantize != "none":
             if self._fused is None:
                 raise ModelFormatError(
-                    "quantize='int8' needs Llama layers without projection biases and with a"
-                    " SiLU MLP; this model's layers differ: use quantize='none'"
+                    f"quantize={quantize!r} needs Llama layers without projection biases and with"
+                    " a SiLU MLP; this model's layers differ: use quantize='none'"
                 )
             self._fused = [
-                _quantize(f, layer, int8_kernel)
+                _quantize(f, layer, quantize, int8_kernel)
                 for f, layer in zip(self._fused, self.layers, strict=True)
             ]
         self._scripted: tuple[Any, tuple[Any, ...]] | None = self._script(scripted)
@@ -389,9 +487,10 @@ class StepModel:
         fn = scripted.decode_fn()
         if fn is None:
             return None
-        floats, packed, rowsums = scripted.layer_args(self._fused)
+        floats, packed, rowsums, int4, int4_scales = scripted.layer_args(self._fused)
         first = self._fused[0].wqkv
         reduce_range = isinstance(first, Int8Linear) and first.reduce_range  # one CPU, one answer
+        group_size = first.group_size if isinstance(first, Int4Linear) else 0
         args = (
             [f.norm1 for f in self._fused],
             [f.norm2 for f in self._fused],
@@ -400,6 +499,9 @@ class StepModel:
             floats,
             packed,
             rowsums,
+            int4,
+            int4_scales,
+            group_size,
             self.n_heads,
             self.n_kv_heads,
             self.head_dim,
@@ -432,7 +534,7 @@ class StepModel:
         itself stays float (Orpheus ties it to the embeddings), so this adds the slice in int8.
         """
         rows = self.head_rows(start, stop)
-        if self.quantize == "int8":
+        if self.quantize != "none":  # int4 models keep int8 heads (see Int4Linear)
             return Int8Linear(rows, self._int8_kernel)
         return functools.partial(F.linear, weight=rows)
 

@@ -64,19 +64,21 @@ class FrameSampler:
         z = logits / np.float32(p.temperature)
         probs = np.exp(z - z.max())
         probs /= probs.sum()
-        order: np.ndarray | None = None
-        if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="quicksort")
-            probs = probs[order]
-        cum = np.cumsum(probs)
-        n = probs.shape[0]
-        if order is not None:
-            # Nucleus: the shortest prefix of the sorted tokens whose mass reaches top_p.
-            n = min(int(np.searchsorted(cum, np.float32(p.top_p))) + 1, n)
-        # Inverse-CDF draw from the (kept) distribution: one uniform from the request's RNG.
-        u = float(torch.rand(1, generator=self.generator)) * float(cum[n - 1])
-        index = min(int(np.searchsorted(cum[:n], u, side="right")), n - 1)
-        return int(order[index]) if order is not None else index
+        u = float(torch.rand(1, generator=self.generator))  # one uniform from the request's RNG
+        if p.top_p >= 1.0:
+            cum = np.cumsum(probs)
+            return min(int(np.searchsorted(cum, u * float(cum[-1]), side="right")), len(cum) - 1)
+        # Nucleus: the shortest prefix of the tokens sorted by probability (ties in index order,
+        # a stable sort) whose mass reaches top_p, then an inverse-CDF draw over that prefix.
+        # Sorting the values alone (SIMD) and finding the drawn token afterwards costs a
+        # third of an argsort of 4,096 floats; the draw is the same.
+        desc = np.sort(probs)[::-1]
+        cum = np.cumsum(desc)
+        n = min(int(np.searchsorted(cum, np.float32(p.top_p))) + 1, len(cum))
+        j = min(int(np.searchsorted(cum[:n], u * float(cum[n - 1]), side="right")), n - 1)
+        value = desc[j]
+        rank = j - int(np.count_nonzero(probs > value))  # among the tokens of equal probability
+        return int(np.flatnonzero(probs == value)[rank])
 
     def _sample_torch(self, logits: Tensor, position: int) -> int:
         p = self.params
@@ -94,7 +96,7 @@ class FrameSampler:
         probs = torch.softmax(logits / p.temperature, dim=-1)
         order: Tensor | None = None
         if p.top_p < 1.0:
-            probs, order = torch.sort(probs, descending=True)
+            probs, order = torch.sort(probs, descending=True, stable=True)
         cum = torch.cumsum(probs, dim=-1)
         n = probs.shape[0]
         if order is not None:

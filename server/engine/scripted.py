@@ -83,16 +83,29 @@ def _int8(
     return y.mul_(span).addcmul_(lo, rowsum)
 
 
+def _int4(x: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
+    # Int4Linear's product: torch's CPU int4 weight-only kernel on bfloat16 activations; every
+    # output row is its own dot products, so a row's result does not depend on the batch.
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    y = torch._weight_int4pack_mm_for_cpu(rows, packed, group_size, scales_zeros)
+    return y.to(x.dtype).view(list(x.shape[:-1]) + [y.shape[-1]])  # noqa: RUF005 (TorchScript)
+
+
 def _linear(
     x: Tensor,
     i: int,
     floats: list[Tensor],
     packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
     rowsums: list[Tensor],
+    int4: list[Tensor],
+    int4_scales: list[Tensor],
+    group_size: int,
     reduce_range: bool,
 ) -> Tensor:
     if len(floats) > 0:
         return F.linear(x, floats[i])
+    if len(int4) > 0:
+        return _int4(x, int4[i], int4_scales[i], group_size)
     return _int8(x, packed[i], rowsums[i], reduce_range)
 
 
@@ -110,19 +123,28 @@ def _decode_layers(
     floats: list[list[Tensor]],
     packed: list[list[torch.classes.quantized.LinearPackedParamsBase]],  # type: ignore[name-defined]
     rowsums: list[list[Tensor]],
+    int4: list[list[Tensor]],
+    int4_scales: list[list[Tensor]],
+    group_size: int,
     n_heads: int,
     n_kv_heads: int,
     head_dim: int,
     scaling: float,
     reduce_range: bool,
 ) -> Tensor:
-    """All layers of one decode step; ``floats``/``packed``/``rowsums`` hold, per projection
-    kind (qkv, o, gate_up, down), one entry per layer (``floats`` empty for int8)."""
+    """All layers of one decode step. ``floats``, ``packed``/``rowsums`` (int8) and
+    ``int4``/``int4_scales`` hold, per projection kind (qkv, o, gate_up, down), one entry per
+    layer; the lists of the kinds of weight the model does not have are empty."""
     bsz = x.shape[0]
     h, hk, d = n_heads, n_kv_heads, head_dim
     for i in range(len(norm1)):
+        # Layer i's projections, one per kind: (floats, int8, int4) lists of kind k.
+        wq = (floats[0], packed[0], rowsums[0], int4[0], int4_scales[0])
+        wo = (floats[1], packed[1], rowsums[1], int4[1], int4_scales[1])
+        wg = (floats[2], packed[2], rowsums[2], int4[2], int4_scales[2])
+        wd = (floats[3], packed[3], rowsums[3], int4[3], int4_scales[3])
         a = _rms(x, norm1[i], eps1[i])
-        qkv = _linear(a, i, floats[0], packed[0], rowsums[0], reduce_range)
+        qkv = _linear(a, i, wq[0], wq[1], wq[2], wq[3], wq[4], group_size, reduce_range)
         qkv = qkv.view(bsz, 1, h + 2 * hk, d).transpose(1, 2)
         qk = qkv[:, : h + hk]
         qk = qk * cos + _rotate_half(qk) * sin
@@ -138,10 +160,12 @@ def _decode_layers(
             vc[i, 0, :, s] = v[b, :, 0]
             outs.append(_attend(q[b : b + 1], kc[i, :, :, : s + 1], vc[i, :, :, : s + 1], scaling))
         o = torch.cat(outs).transpose(1, 2).reshape(bsz, 1, h * d)
-        x = x + _linear(o, i, floats[1], packed[1], rowsums[1], reduce_range)
+        x = x + _linear(o, i, wo[0], wo[1], wo[2], wo[3], wo[4], group_size, reduce_range)
         a = _rms(x, norm2[i], eps2[i])
-        gate, up = _linear(a, i, floats[2], packed[2], rowsums[2], reduce_range).chunk(2, -1)
-        x = x + _linear(F.silu(gate) * up, i, floats[3], packed[3], rowsums[3], reduce_range)
+        gate_up = _linear(a, i, wg[0], wg[1], wg[2], wg[3], wg[4], group_size, reduce_range)
+        gate, up = gate_up.chunk(2, -1)
+        m = F.silu(gate) * up
+        x = x + _linear(m, i, wd[0], wd[1], wd[2], wd[3], wd[4], group_size, reduce_range)
     return x
 
 
@@ -158,6 +182,7 @@ def _legal_heads(
     """Legal-row logits of each hidden state at its frame position (``EngineCore._heads``):
     one product per position for all the rows there, plus the EOS logit where ``with_eos``
     (position 0 only)."""
+    no_int4: list[Tensor] = []  # the heads are float or int8 (see StepModel.head_slice)
     out: list[Tensor] = []
     for _ in range(len(hidden)):
         out.append(eos_row)  # placeholders, all replaced below
@@ -169,7 +194,7 @@ def _legal_heads(
         if len(rows) == 0:
             continue
         h = torch.stack([hidden[b] for b in rows])
-        logits = _linear(h, p, floats, packed, rowsums, reduce_range)  # [n, 4096]
+        logits = _linear(h, p, floats, packed, rowsums, no_int4, no_int4, 0, reduce_range)
         eos = h @ eos_row.T if p == 0 else h  # [n, 1] (unused elsewhere)
         for j in range(len(rows)):
             b = rows[j]
@@ -200,16 +225,23 @@ def heads_fn() -> Callable[..., list[Tensor]] | None:
     return _script("heads", _legal_heads)
 
 
-def weight_args(weights: list[Any]) -> tuple[list[Tensor], list[Any], list[Tensor]]:
-    """``(floats, packed, rowsums)`` for :func:`_linear`: float weights as they are, or fbgemm
-    packed weights and row sums (see :class:`~voxlane.server.engine.model.Int8Linear`)."""
+def weight_args(
+    weights: list[Any],
+) -> tuple[list[Tensor], list[Any], list[Tensor], list[Tensor], list[Tensor]]:
+    """``(floats, packed, rowsums, int4, int4_scales)`` for :func:`_linear`: float weights as
+    they are, fbgemm packed weights and row sums (:class:`~voxlane.server.engine.model.Int8Linear`),
+    or int4 packed weights and their scales and zeros
+    (:class:`~voxlane.server.engine.model.Int4Linear`); the other lists empty."""
     if all(isinstance(w, Tensor) for w in weights):
-        return list(weights), [], []
-    return [], [w._packed for w in weights], [w._rowsum for w in weights]
+        return list(weights), [], [], [], []
+    if all(hasattr(w, "_int4") for w in weights):
+        return [], [], [], [w._int4 for w in weights], [w._scales_zeros for w in weights]
+    return [], [w._packed for w in weights], [w._rowsum for w in weights], [], []
 
 
-def layer_args(fused: list[Any]) -> tuple[list[list[Tensor]], list[list[Any]], list[list[Tensor]]]:
-    """Per projection kind (qkv, o, gate_up, down), :func:`weight_args` of the layers."""
+def layer_args(fused: list[Any]) -> tuple[list[list[Any]], ...]:
+    """Per projection kind (qkv, o, gate_up, down), :func:`weight_args` of the layers:
+    ``(floats, packed, rowsums, int4, int4_scales)``, each a list of four lists."""
     kinds = ("wqkv", "wo", "w_gate_up", "w_down")
     args = [weight_args([getattr(layer, kind) for layer in fused]) for kind in kinds]
-    return [a[0] for a in args], [a[1] for a in args], [a[2] for a in args]
+    return tuple([a[j] for a in args] for j in range(5))

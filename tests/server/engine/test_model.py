@@ -55,12 +55,13 @@ def test_decode_attention_equals_sdpa(heads: tuple[int, int], dtype: torch.dtype
             assert torch.equal(out, v.expand(2, hk, 1, 64).repeat_interleave(h // hk, 1))
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_decode_batch_rows_equal_single_forwards_across_the_attention_switch(
     kit, quantize: str
 ) -> None:
     # Lengths below, at and above 128 keys: single-token forwards run the same attention, so
-    # int8 rows are equal bit for bit (row-independent projections), float within rounding.
+    # int8 and int4 rows are equal bit for bit (row-independent projections), float within
+    # rounding.
     model = StepModel(kit.tiny_llama(seed=5), quantize=quantize)
     caches = [model.new_cache(256) for _ in range(3)]
     for i, (cache, n) in enumerate(zip(caches, (40, 127, 200), strict=True)):
@@ -73,7 +74,7 @@ def test_decode_batch_rows_equal_single_forwards_across_the_attention_switch(
     batched = model.decode_batch(caches, tokens)
     assert [c.length for c in caches] == [41, 128, 201]
     for b in range(3):
-        if quantize == "int8":
+        if quantize != "none":
             assert torch.equal(batched[b], alone[b])
         else:
             assert (batched[b] - alone[b]).abs().max().item() <= 1e-5

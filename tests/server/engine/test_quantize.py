@@ -1,5 +1,6 @@
-"""int8 weights (``quantize="int8"``): accuracy against fp32, batch invariance, the engine end
-to end, the weight-only kernel, and what happens to the float model."""
+"""int8 and int4 weights (``quantize="int8"``/``"int4"``): accuracy against fp32, batch
+invariance, the engine end to end, the int8 weight-only kernel, the int4 product, and what
+happens to the float model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from voxlane.errors import EngineError, OutOfRangeError
 from voxlane.server.engine import EngineConfig, SamplingParams, SpeechEngine, Voice
 from voxlane.server.engine.core import EngineCore
-from voxlane.server.engine.model import Int8Linear, StepModel
+from voxlane.server.engine.model import Int4Linear, Int8Linear, StepModel
 from voxlane.server.lm import load_speech_lm
 from voxlane.server.orpheus import (
     AUDIO_TOKEN_BASE,
@@ -67,9 +68,24 @@ def test_int8_logits_track_fp32_over_teacher_forced_steps(demo_pair) -> None:
     assert sum(snr) / len(snr) > 30.0
 
 
-def test_int8_frames_are_the_same_alone_or_batched(kit) -> None:
+def test_int4_logits_follow_fp32_less_closely(demo_lm_tiny_dir) -> None:
+    # 4-bit weights move the logits much more than int8: measured on the tiny demo LM, cosine
+    # >= 0.9928, top-1 agreement 0.80, mean SNR 20.4 dB (int8: 0.99985, 0.986, 36.7 dB).
+    # Random weights have no structure for the groups to exploit; see bench engine's int4 keys.
+    lm = load_speech_lm(demo_lm_tiny_dir)
+    fp32 = StepModel(lm.model)
+    int4 = StepModel(load_speech_lm(demo_lm_tiny_dir).model, quantize="int4")
+    prompt = finetuned_prompt(lm.encode, "tara", TEXT)
+    cosines, agree, snr = _teacher_forced(fp32, int4, prompt, steps=70)
+    assert min(cosines) > 0.98
+    assert sum(agree) / len(agree) >= 0.7
+    assert 15.0 < sum(snr) / len(snr) < 30.0  # below int8's: the 4-bit path really runs
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_frames_are_the_same_alone_or_batched(kit, quantize: str) -> None:
     # A stream's audio under a seed does not depend on how many others share its steps.
-    model = StepModel(kit.tiny_llama(), quantize="int8")
+    model = StepModel(kit.tiny_llama(), quantize=quantize)  # type: ignore[arg-type]
     voice = Voice.builtin("tara")
     texts = ["the first stream", "a second, longer stream of words"]
 
@@ -92,10 +108,11 @@ def test_int8_frames_are_the_same_alone_or_batched(kit) -> None:
     assert all(len(f) == 6 for f in alone)
 
 
-async def test_engine_with_int8_speaks_valid_frames(demo_lm_tiny_dir) -> None:
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+async def test_quantized_engine_speaks_valid_frames(demo_lm_tiny_dir, quantize: str) -> None:
     engine = SpeechEngine.from_pretrained(
         str(demo_lm_tiny_dir),
-        config=EngineConfig(max_context=512, num_threads=1, quantize="int8"),
+        config=EngineConfig(max_context=512, num_threads=1, quantize=quantize),  # type: ignore[arg-type]
     )
     engine.start()
     try:
@@ -113,26 +130,65 @@ async def test_engine_with_int8_speaks_valid_frames(demo_lm_tiny_dir) -> None:
     assert len(frames) == 6
     assert all(len(f) == FRAME_SIZE and all(0 <= c < CODEBOOK_SIZE for c in f) for f in frames)
     # The engine owns the model now: its float projections were released.
-    with pytest.raises(EngineError, match="int8"):
+    with pytest.raises(EngineError, match=quantize):
         engine.lm.model(torch.tensor([[1, 2, 3]]))
 
 
 def test_quantize_is_validated() -> None:
     with pytest.raises(OutOfRangeError, match="quantize"):
-        EngineConfig(quantize="int4")  # type: ignore[arg-type]
+        EngineConfig(quantize="int2")  # type: ignore[arg-type]
     assert EngineConfig().quantize == "none"
 
 
-def test_step_model_rejects_unknown_quantize_and_a_released_model(kit) -> None:
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_step_model_rejects_unknown_quantize_and_a_released_model(kit, quantize: str) -> None:
     model = kit.tiny_llama()
     with pytest.raises(EngineError, match="quantize"):
         StepModel(model, quantize="fp8")  # type: ignore[arg-type]
-    StepModel(model, quantize="int8")
+    StepModel(model, quantize=quantize)  # type: ignore[arg-type]
     for layer in model.model.layers:  # the float copies are gone, not merely unreferenced
         assert layer.mlp.down_proj.weight.numel() == 0
         assert layer.self_attn.q_proj.weight.numel() == 0
-    with pytest.raises(EngineError, match="load the checkpoint again"):
+    with pytest.raises(EngineError, match=f"quantize='{quantize}'.*load the checkpoint again"):
         StepModel(model)
+
+
+def test_int4_product_is_its_dequantized_weight_and_prefill_runs_int8() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=gen) * 0.05
+    w[3] = 0.0  # an all-zero row stays zero
+    w[7, :64] = 0.02  # a constant group: scale floor, no division by zero
+    lin = Int4Linear(w)
+    assert lin.group_size == 128  # the largest that fits 256 inputs
+    # Rebuild the weight the 4-bit codes stand for, independently of the kernel's packing.
+    groups = w.reshape(96, 2, 128)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12).bfloat16().float()
+    zero = (lo + 8 * scale).bfloat16().float()
+    codes = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    dequantized = ((codes - 8) * scale[..., None] + zero[..., None]).reshape(96, 256)
+    assert (dequantized - w).abs().max() <= scale.max() / 2 + 1e-6  # within half a step
+    x = torch.randn(5, 1, 256, generator=gen)  # decode rows: [B, 1, D]
+    exact = F.linear(x.bfloat16().float(), dequantized)  # the kernel's bf16 activations
+    y = lin(x)
+    assert y.shape == (5, 1, 96) and y.dtype == torch.float32
+    assert (y - exact).abs().max().item() <= 1e-2 * exact.abs().max().item()
+    assert torch.equal(y[..., 3], torch.zeros(5, 1))
+    # Row independence, the property batched decoding relies on.
+    assert torch.equal(torch.cat([lin(x[i : i + 1]) for i in range(5)]), y)
+    # A prefill chunk ([B, T > 1, D]) runs the int8 copy of the same weights.
+    chunk = torch.randn(1, 7, 256, generator=gen)
+    assert torch.equal(lin(chunk), lin.prefill(chunk))
+    assert lin.nbytes == 96 * (128 + 4 * 2) + lin.prefill.nbytes
+
+
+def test_int4_rejects_shapes_its_kernel_cannot_run() -> None:
+    with pytest.raises(EngineError, match="groups"):
+        Int4Linear(torch.randn(32, 48))  # 48 inputs: no group size of 32..128 divides them
+    with pytest.raises(EngineError, match="multiple of 16"):
+        Int4Linear(torch.randn(40, 64))
+    with pytest.raises(EngineError, match="CPU only"):
+        Int4Linear(torch.randn(32, 64, device="meta"))
 
 
 def test_fbgemm_and_weight_only_compute_the_same_int8_product() -> None:
@@ -173,7 +229,8 @@ def test_weight_only_model_tracks_fp32(demo_lm_tiny_dir) -> None:
     assert sum(snr) / len(snr) > 30.0
 
 
-def test_int8_emits_no_warnings() -> None:
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_model_emits_no_warnings(quantize: str) -> None:
     # torch warns (once per process) that quantized tensors are deprecated; users must not
     # see it. A fresh interpreter, so an earlier test cannot have used up the warning.
     code = (
@@ -182,7 +239,7 @@ def test_int8_emits_no_warnings() -> None:
         "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,"
         " num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)\n"
-        "sm = StepModel(LlamaForCausalLM(cfg).eval(), quantize='int8')\n"
+        f"sm = StepModel(LlamaForCausalLM(cfg).eval(), quantize={quantize!r})\n"
         "cache = sm.new_cache(16)\n"
         "sm.forward(cache, torch.tensor([[1, 2, 3]]))\n"
         "sm.head_slice(0, 100)(sm.decode_batch([cache], torch.tensor([4])))\n"

@@ -26,7 +26,7 @@ def _run(model: StepModel, steps: int = 4) -> tuple[list[torch.Tensor], list[tor
     return hidden, [c.k[:, :, :, : c.length] for c in caches]
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_scripted_step_equals_the_python_step(quantize: str) -> None:
     scripted = StepModel(tiny_llama(seed=3), quantize=quantize)
     python = StepModel(tiny_llama(seed=3), quantize=quantize, scripted=False)
@@ -44,7 +44,7 @@ def test_the_weight_only_kernel_keeps_the_python_path() -> None:
     assert hidden[0].shape == (3, 64) and torch.isfinite(hidden[0]).all()
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_scripted_heads_equal_the_python_heads(quantize: str) -> None:
     from types import SimpleNamespace
 
@@ -57,7 +57,7 @@ def test_scripted_heads_equal_the_python_heads(quantize: str) -> None:
     model = StepModel(tiny_llama(seed=4), quantize=quantize)
     core = EngineCore(model, fake_encode, EngineConfig(max_context=256, quantize=quantize))
     assert core._scripted_heads is not None
-    assert isinstance(core._rows[0], Int8Linear) == (quantize == "int8")
+    assert isinstance(core._rows[0], Int8Linear) == (quantize != "none")  # int4 keeps int8 heads
     torch.manual_seed(2)
     # Two rows at position 0 (one of them with EOS legal), one at 3, one at 6.
     reqs = [
