@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from voxlane.server.orpheus import SAMPLE_RATE, Frame
+from voxlane.server.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME, Frame
 from voxlane.server.text.segmenter import Segment, Segmenter
 
 __all__ = [
@@ -152,6 +153,9 @@ class _PlaybackClock:
 
 
 _SENTINEL = object()
+_FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE
+#: Frames over which the speech LM's rate is judged after an underrun (~0.7 s of audio).
+_RATE_WINDOW = 8
 
 
 @dataclass
@@ -202,6 +206,9 @@ class TurnPipeline:
         self._samples_handed = 0  # at the output rate, handed out by events()
         self._segment_started: float | None = None  # clock() when the current segment began
         self._underruns_before_segment = 0
+        # When the current segment's last frames arrived (clock()), to tell a speech LM that
+        # keeps up from one that does not (_buffered_s).
+        self._frame_times: deque[float] = deque(maxlen=_RATE_WINDOW + 1)
         self._samples_decoded = 0  # at 24 kHz, out of the decoder
         self._sequence = 0
         self._playback = _PlaybackClock(
@@ -305,11 +312,13 @@ class TurnPipeline:
         decoder = self.new_decoder()
         started = self._segment_started = self.clock()
         self._underruns_before_segment = self._playback.underruns
+        self._frame_times.clear()
         stream = self._stream = self.speak(segment.text)
         completed = False
         try:
             async for frame in stream:
                 self.metrics.frames += 1
+                self._frame_times.append(self.clock())
                 pcm = await self._push(decoder, [frame])
                 self._samples_decoded += pcm.size
                 await self._emit_pcm(pcm)
@@ -335,16 +344,26 @@ class TurnPipeline:
         Passed to the decoder so it decodes in chunks no longer than the audio playback still
         holds: with a speech LM faster than real time but not by much, waiting for a full
         8-frame chunk (680 ms) would let playback run dry; with a fast LM the buffer grows and
-        chunks reach full size. Small chunks cost more decoding per frame (the context frames
-        are decoded again each call), so once playback ran dry during this segment (the box
-        cannot keep up) there is no cap (None) for the rest of it: the cheapest, largest
-        chunks then leave the most CPU to the speech LM instead of spiralling into ever more
-        decoding per frame.
+        chunks reach full size. Small chunks cost more decoding per frame, so once playback
+        ran dry during this segment *and* the speech LM's last frames came slower than real
+        time (the box cannot keep up), there is no cap (None): the cheapest, largest chunks
+        then leave the most CPU to the speech LM instead of spiralling into ever more decoding
+        per frame. A dry spell while the LM keeps up (another stream's prefill, a pause of the
+        box) keeps the cap: full chunks would then run dry at every chunk, as each one waits
+        for its eighth frame and then for its decode.
         """
-        if self._playback.underruns > self._underruns_before_segment:
+        if self._playback.underruns > self._underruns_before_segment and not self._keeps_up():
             return None
         ahead = self._playback.ahead(self.clock(), self._samples_out)
         return 0.0 if ahead is None else max(0.0, ahead)
+
+    def _keeps_up(self) -> bool:
+        """True if the segment's last ``_RATE_WINDOW`` frames came at least as fast as they
+        play (False while fewer have come)."""
+        times = self._frame_times
+        if len(times) <= _RATE_WINDOW:
+            return False
+        return times[-1] - times[0] <= _RATE_WINDOW * _FRAME_S
 
     def playback_ahead_s(self) -> float | None:
         """Seconds of audio handed out that the client has not played yet (playback model),

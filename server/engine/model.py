@@ -14,7 +14,8 @@ that chose this over re-prefilling).
 
 ``quantize="int8"`` stores every projection of the decoder layers as per-output-channel
 symmetric int8 (:class:`Int8Linear`; activations stay float): a CPU decode step is bound by
-reading the weights, and int8 reads a quarter of fp32's bytes.
+reading the weights, and int8 reads a quarter of fp32's bytes. ``quantize="int4"``
+(:class:`Int4Linear`, CPU) halves that again for decode steps, keeping int8 for prefill.
 """
 
 from __future__ import annotations
@@ -414,17 +415,19 @@ class StepModel:
     ``forward`` returns the final-norm hidden states; the caller picks which rows of the LM
     head to multiply them with (:meth:`head_rows` is a view of ``lm_head.weight``, no copy).
 
-    ``scripted`` (default True): :meth:`decode_batch` runs all layers of fused float or fbgemm
-    int8 models as one TorchScript function (``scripted.py``: same ops, same results, one GIL
-    release per step instead of ~500); False keeps the Python path.
+    ``scripted`` (default True): :meth:`decode_batch` runs all layers of fused float, fbgemm
+    int8 or int4 models as one TorchScript function (``scripted.py``: same ops, same results,
+    one GIL release per step instead of ~500); False keeps the Python path.
 
     ``quantize="int8"``: the q/k/v, o, gate/up and down projections of every layer become
-    :class:`Int8Linear` (``int8_kernel``: None picks fbgemm on CPU, weight-only elsewhere).
+    :class:`Int8Linear` (``int8_kernel``: None picks fbgemm on CPU, weight-only elsewhere);
+    ``quantize="int4"``: :class:`Int4Linear` (4-bit decode, int8 prefill; CPU only).
     Prefill and decode both run them (on CPU int8 is faster than float at every row count
     measured, 1 to 256), and :meth:`head_slice` returns int8 legal-row slices. Embeddings,
     norms and the LM head itself stay float. The model's float projection weights are
     released (the HF modules then refuse to run: use this object, or load the checkpoint
-    again), so the layers keep about a quarter of their fp32 bytes resident.
+    again), so the layers keep about a quarter of their fp32 bytes resident (int4: 3/8, its
+    4-bit decode weights plus the int8 prefill copy).
     """
 
     def __init__(
@@ -473,7 +476,7 @@ class StepModel:
 
     def _script(self, enabled: bool) -> tuple[Any, tuple[Any, ...]] | None:
         """The scripted decode step (``scripted.py``) and its weight arguments, where it applies:
-        fused layers with float weights or fbgemm int8 ones (not the weight-only kernel)."""
+        fused layers with float weights, fbgemm int8 ones (not the weight-only kernel) or int4."""
         if not enabled or self._fused is None:
             return None
         if any(

@@ -138,7 +138,7 @@ def _decode_layers(
     bsz = x.shape[0]
     h, hk, d = n_heads, n_kv_heads, head_dim
     for i in range(len(norm1)):
-        # Layer i's projections, one per kind: (floats, int8, int4) lists of kind k.
+        # Per kind (qkv, o, gate_up, down): its float, int8 (packed, row sums) and int4 lists.
         wq = (floats[0], packed[0], rowsums[0], int4[0], int4_scales[0])
         wo = (floats[1], packed[1], rowsums[1], int4[1], int4_scales[1])
         wg = (floats[2], packed[2], rowsums[2], int4[2], int4_scales[2])

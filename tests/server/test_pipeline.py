@@ -205,6 +205,44 @@ class JitteryStream(FakeStream):
             yield frame
 
 
+async def test_after_a_stall_the_cap_returns_once_the_lm_keeps_up_again() -> None:
+    """A speech LM 10% faster than real time with one 0.5 s stall: playback runs dry once.
+    While the stall is among the last 8 frames the decoder gets no cap (largest chunks); once
+    the frames come faster than they play again the cap returns: uncapped 8-frame chunks
+    would each wait for their eighth frame and then for their decode, and run dry every time
+    at this pace."""
+    clock = FakeClock()
+    decoders: list[FakeDecoder] = []
+
+    def new_decoder() -> FakeDecoder:
+        decoders.append(FakeDecoder(lookahead=0))
+        return decoders[-1]
+
+    class Stream(JitteryStream):
+        def __init__(self) -> None:
+            super().__init__(clock, 30, late=12, late_s=0.5)
+            self.dt = 0.9 * FRAME_S
+
+    pipeline = TurnPipeline(
+        speak=lambda text: Stream(),
+        new_decoder=new_decoder,
+        decode_executor=InlineExecutor(),
+        segmenter=Segmenter(),
+        clock=clock,
+    )
+    pipeline.push_text("Hello there.")
+    pipeline.end_text()
+    await drain(pipeline)
+    assert pipeline.metrics.underruns == 1
+    buffered = decoders[0].buffered
+    uncapped = [i for i, b in enumerate(buffered) if b is None]
+    # One run of pushes without a cap, right after the stall, while it is among the 8 frame
+    # intervals the rate is judged over; capped before and after (keeping up again).
+    assert uncapped == list(range(uncapped[0], uncapped[0] + len(uncapped)))
+    assert 5 <= len(uncapped) <= 8
+    assert len(buffered) - uncapped[-1] - 1 >= 5
+
+
 @pytest.mark.parametrize(("lead_ms", "runs_dry"), [(0, True), (120, False)])
 async def test_underruns_are_those_of_a_client_with_a_start_up_lead(
     lead_ms: float, runs_dry: bool
