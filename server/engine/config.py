@@ -94,7 +94,7 @@ class EngineConfig:
     (docs/architecture-engine.md, "int8 weights", has the measured agreement). The engine then
     owns the model: its float projection weights are released, so ``lm.model`` no longer runs on
     its own. ``"int4"`` (CPU only) runs decode steps from 4-bit group-quantized weights, which
-    halves int8's bytes per step (~20% faster steps at 1-2 streams on the small demo model, no
+    halves int8's bytes per step (12-30% faster steps at 1-2 streams on the small demo model, no
     gain at 4, slower at 8: docs/architecture-engine.md, "int4 weights"); prefill chunks and the
     LM head slices stay int8. ``"none"`` (default) keeps the model's dtype.
     """
