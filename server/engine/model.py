@@ -149,7 +149,7 @@ class Int4Linear:
     ``decode_batch`` row equals the same token decoded alone bit for bit.
 
     The int4 kernel unpacks every weight for every input row: it beats fbgemm's int8 GEMM at
-    1-2 rows, is level at ~4 and slower beyond (docs/architecture-engine.md, "int4"). A
+    1-2 rows, is level at ~4 and slower beyond (docs/architecture-engine.md, "int4 weights"). A
     prefill chunk (``x`` ``[B, T, D]`` with ``T > 1``, up to thousands of rows) therefore runs
     an :class:`Int8Linear` of the same float weights, kept alongside: 1.5 bytes per weight
     resident instead of int8's 1 (Orpheus 3B: ~4.5 GB against 3 GB int8 and 6 GB bf16).
