@@ -31,6 +31,7 @@ from voxlane.clients.livekit import (  # noqa: E402
 )
 from voxlane.server.agent import LLMConfig  # noqa: E402
 
+from ..fake_llm import FakeLLM  # noqa: E402
 from .conftest import KEY, free_port  # noqa: E402
 
 RATE = 24000
@@ -367,48 +368,10 @@ ANSWER = "Hello! Nice to meet you."
 ENDLESS = "One two three four five. "
 
 
-class LoopbackLLM:
-    """An OpenAI-compatible SSE endpoint: the first answer streams :data:`ENDLESS` until the
-    client hangs up, later ones :data:`ANSWER`. Requests are kept in :attr:`requests`."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.url = ""
-        self._server: asyncio.Server | None = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
-            length = int(head.split("content-length:")[1].split("\r\n")[0])
-            self.requests.append(json.loads(await reader.readexactly(length)))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
-            endless = len(self.requests) == 1
-            for _ in range(400 if endless else 1):
-                chunk = {"choices": [{"delta": {"content": ENDLESS if endless else ANSWER}}]}
-                writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                await writer.drain()
-                await asyncio.sleep(0.05)
-            writer.write(b"data: [DONE]\n\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> LoopbackLLM:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-
 async def test_agent_mode_speaks_the_answer_and_barge_in_keeps_what_was_heard(
     start_server: Any,
 ) -> None:
-    async with LoopbackLLM() as llm:
+    async with FakeLLM.barge_in(ENDLESS, ANSWER) as llm:
         server = await start_server(llm=LLMConfig(base_url=llm.url, model="loopback"))
         room = FakeRoom()
         async with bridge_in(room, config(server, mode="agent")) as bridge:

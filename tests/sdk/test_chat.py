@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,74 +18,16 @@ import voxlane
 from voxlane.client import TextDelta
 from voxlane.server.agent import LLMConfig
 
+from ..fake_llm import FakeLLM
 from .conftest import KEY
 
 ANSWER = "Hello! Nice to meet you."
 ENDLESS = "One two three four five. "
 
 
-class LoopbackLLM:
-    """Answers the first request with :data:`ENDLESS` until the client hangs up (recorded in
-    :attr:`hung_up`), every later one with :data:`ANSWER`."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.hung_up = asyncio.Event()
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
-            length = int(head.split("content-length:")[1].split("\r\n")[0])
-            self.requests.append(json.loads(await reader.readexactly(length)))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
-            first = len(self.requests) == 1
-            eof = asyncio.ensure_future(reader.read())
-            try:
-                pieces = iter(lambda: ENDLESS, None) if first else iter([ANSWER])
-                for text in pieces:
-                    body = {
-                        "object": "chat.completion.chunk",
-                        "choices": [{"delta": {"content": text}}],
-                    }
-                    writer.write(f"data: {json.dumps(body)}\n\n".encode())
-                    await writer.drain()
-                    await asyncio.wait({eof}, timeout=0.05)
-                    if eof.done():
-                        self.hung_up.set()
-                        return
-                writer.write(b"data: [DONE]\n\n")
-                await writer.drain()
-            finally:
-                eof.cancel()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            self.hung_up.set()
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-    async def __aenter__(self) -> LoopbackLLM:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-
 @pytest.fixture
-async def agent_server(start_server: Any) -> AsyncIterator[tuple[Any, LoopbackLLM]]:
-    async with LoopbackLLM() as llm:
+async def agent_server(start_server: Any) -> AsyncIterator[tuple[Any, FakeLLM]]:
+    async with FakeLLM.barge_in(ENDLESS, ANSWER) as llm:
         server = await start_server(llm=LLMConfig(base_url=llm.url, model="loopback"))
         yield server, llm
         await server.close()
