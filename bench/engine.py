@@ -210,7 +210,7 @@ def _legal_heads(sm: StepModel) -> list[Any]:
     return [sm.head_slice(s, s + CODEBOOK_SIZE) for s in starts]
 
 
-def _int8_steps(fp32: Any, int8: Any, int4: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _quantized_steps(fp32: Any, int8: Any, int4: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Decode-step time of fp32, int8 and int4 StepModels, and the quantized models' logits vs
     fp32's (greedy, teacher-forced). int8's keys have no suffix, int4's end in ``_int4``."""
     torch.set_num_threads(args.threads)
@@ -319,7 +319,7 @@ async def _int8(fp32_engine: SpeechEngine, args: argparse.Namespace) -> dict[str
     block["frames_compared"] = len(reference)
     load = functools.partial(load_speech_lm, path, dtype="float32")
     fp32, int8, int4 = [await asyncio.to_thread(load) for _ in range(3)]
-    block |= await asyncio.to_thread(_int8_steps, fp32, int8, int4, args)
+    block |= await asyncio.to_thread(_quantized_steps, fp32, int8, int4, args)
     return block
 
 
