@@ -223,6 +223,7 @@ class EngineCore:
         self._rows = [model.head_slice(start, stop) for start, stop in bounds]
         self._eos_row = model.head_rows(END_OF_SPEECH, END_OF_SPEECH + 1)  # [1, D]
         self._scripted_heads = self._script_heads(bounds)
+        self._native_heads = self._native_heads_struct()
 
     def _script_heads(self, bounds: list[tuple[int, int]]) -> tuple[Any, ...] | None:
         """:meth:`_heads` as one TorchScript call (``scripted.py``) where the model's decode step
@@ -244,6 +245,18 @@ class EngineCore:
         floats, packed, rowsums, _, _ = scripted.weight_args(weights)
         reduce_range = isinstance(weights[0], Int8Linear) and weights[0].reduce_range
         return fn, floats, packed, rowsums, reduce_range
+
+    def _native_heads_struct(self) -> Any:
+        """The heads for the native step (``native.py``) where the model runs it, else None."""
+        from .model import Int8Linear
+
+        step = getattr(self.model, "_native", None)
+        if step is None or not all(
+            isinstance(r, Int8Linear) and r.kernel == "native" for r in self._rows
+        ):
+            return None
+        self._eos_f32 = self._eos_row.detach().float().contiguous()
+        return step.heads_struct(self._rows)  # type: ignore[arg-type]
 
     # -- thread-safe entry points -------------------------------------------------------
     def next_id(self) -> int:
@@ -494,6 +507,15 @@ class EngineCore:
         """Legal-row logits of each request at its own frame position: one matmul per
         position for all the requests there (``[n, D] @ [D, 4096]``), plus the EOS row where
         EOS is legal."""
+        if self._native_heads is not None and reqs:
+            logits = self.model._native.heads(  # type: ignore[union-attr]
+                self._native_heads,
+                [req.hidden for req in reqs],  # type: ignore[misc]
+                [len(req.codes) for req in reqs],
+                [not req.codes and req.frames > 0 for req in reqs],  # EOS: frame boundaries
+                self._eos_f32,
+            )
+            return {req.id: row for req, row in zip(reqs, logits, strict=True)}
         if self._scripted_heads is not None and reqs:
             fn, floats, packed, rowsums, reduce_range = self._scripted_heads
             logits = fn(

@@ -32,13 +32,14 @@ from torch import Tensor
 
 from voxlane.errors import ContextOverflowError, EngineError, ModelFormatError
 
+from . import native
 from .config import Quantize
 from .scripted import _attend, _int4, _int8, _rotate_half
 from .scripted import _rms as _rms_norm
 
 __all__ = ["Int4Linear", "Int8Kernel", "Int8Linear", "KVCache", "StepModel"]
 
-Int8Kernel = Literal["fbgemm", "weight_only"]
+Int8Kernel = Literal["native", "fbgemm", "weight_only"]
 
 
 def _has_vnni() -> bool:
@@ -46,6 +47,16 @@ def _has_vnni() -> bool:
     saturation; torch's own qconfig check)."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     return bool(capabilities is not None and capabilities().get("avx512_vnni", False))
+
+
+def _default_kernel(weight: Tensor) -> Int8Kernel:
+    """Native for CPU weights of the shapes its kernel takes (when it builds here), else fbgemm
+    on CPU, else weight-only."""
+    if weight.device.type != "cpu":
+        return "weight_only"
+    if native.fits(weight.shape) and native.library() is not None:
+        return "native"
+    return "fbgemm" if _fbgemm_available() else "weight_only"
 
 
 def _fbgemm_available() -> bool:
@@ -66,21 +77,29 @@ class Int8Linear:
       (``x' = (x - lo) / (hi - lo)``, undone on the output with the weight's row sums). So
       every row (token) gets its own full 8-bit range, and a row's result does not depend on
       the other rows of the batch: ``decode_batch`` rows equal single forwards bit for bit.
+    - ``"native"`` (CPU): the same scheme in voxlane's own C kernel (``native.c``, built on
+      first use; AVX512-VNNI where the CPU has it). It also serves the native decode step
+      (:class:`~voxlane.server.engine.native.NativeStep`), which runs whole decode steps of
+      such layers in one call.
     - ``"weight_only"`` (any device, meant for GPUs, where fbgemm does not exist): the int8
       weight is converted to the input's dtype per call and the scale applied to the output
       (``F.linear(x, w.to(x.dtype)) * s``, as gpt-fast does). It keeps a quarter (bf16: half)
       of the weight bytes resident; its speed depends on the device (on a CPU it is slower
       than float: use fbgemm there).
 
-    ``kernel=None`` picks fbgemm for CPU weights when this torch build has it.
+    ``kernel=None`` picks, for CPU weights, native when it builds here, else fbgemm when this
+    torch build has it; weight-only elsewhere.
     """
 
     def __init__(self, weight: Tensor, kernel: Int8Kernel | None = None) -> None:
         if weight.dim() != 2:
             raise EngineError(f"Int8Linear needs a 2-D weight, got shape {tuple(weight.shape)}")
         if kernel is None:
-            kernel = (
-                "fbgemm" if weight.device.type == "cpu" and _fbgemm_available() else "weight_only"
+            kernel = _default_kernel(weight)
+        if kernel == "native" and (weight.device.type != "cpu" or native.library() is None):
+            raise EngineError(
+                f"the native int8 kernel needs CPU weights and a C compiler, not {weight.device}"
+                + ("" if weight.device.type != "cpu" else " (it did not build: see the log)")
             )
         if kernel == "fbgemm" and (weight.device.type != "cpu" or not _fbgemm_available()):
             raise EngineError(
@@ -102,7 +121,13 @@ class Int8Linear:
         self._q: Tensor | None = None
         self._scale: Tensor | None = None
         self._rowsum: Tensor | None = None
-        if kernel == "fbgemm":
+        self._native: tuple[Tensor, native._Linear] | None = None
+        if kernel == "native":
+            self._rowsum = q.float().sum(dim=1) * scale  # [out]: W_int8 @ 1, in float
+            self._scale = scale.float().contiguous()
+            packed = native.pack(q)
+            self._native = (packed, native.linear_struct(packed, self._scale, self._rowsum))
+        elif kernel == "fbgemm":
             self._rowsum = q.float().sum(dim=1) * scale  # [out]: W_int8 @ 1, in float
             with warnings.catch_warnings():
                 # torch deprecates quantized tensor creation; the packed kernel is what we use.
@@ -116,10 +141,19 @@ class Int8Linear:
             self._scale = scale.to(weight.dtype)  # [out]
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self._native is not None:
+            y = native.linear(self._native[1], x)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self._packed is not None:
             y = _int8(x.float(), self._packed, self._rowsum, self.reduce_range)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         return F.linear(x, self._q.to(x.dtype)) * self._scale.to(x.dtype)  # type: ignore[union-attr]
+
+    def native_struct(self) -> native._Linear:
+        """The C description of this map for the native step (``kernel="native"`` only)."""
+        if self._native is None:
+            raise EngineError(f"this Int8Linear uses the {self.kernel} kernel, not the native one")
+        return self._native[1]
 
     @property
     def nbytes(self) -> int:
@@ -473,6 +507,10 @@ class StepModel:
                 for f, layer in zip(self._fused, self.layers, strict=True)
             ]
         self._scripted: tuple[Any, tuple[Any, ...]] | None = self._script(scripted)
+        self._native: native.NativeStep | None = None
+        lib = native.library() if quantize == "int8" else None
+        if lib is not None and native.NativeStep.supports(self) is None:
+            self._native = native.NativeStep(lib, self)
 
     def _script(self, enabled: bool) -> tuple[Any, tuple[Any, ...]] | None:
         """The scripted decode step (``scripted.py``) and its weight arguments, where it applies:
@@ -538,7 +576,10 @@ class StepModel:
         """
         rows = self.head_rows(start, stop)
         if self.quantize != "none":  # int4 models keep int8 heads (see Int4Linear)
-            return Int8Linear(rows, self._int8_kernel)
+            kernel = self._int8_kernel
+            if kernel is None and self._native is None and _fbgemm_available():
+                kernel = "fbgemm"  # what the scripted heads run (EngineCore._script_heads)
+            return Int8Linear(rows, kernel)
         return functools.partial(F.linear, weight=rows)
 
     # -- per-layer pieces shared by forward and decode_batch ---------------------------------
@@ -581,6 +622,9 @@ class StepModel:
         Returns the final-norm hidden states ``[B, T, D_model]``.
         """
         t = tokens.shape[1]
+        if self._native is not None and t == 1 and tokens.shape[0] == 1 and cache.k.shape[1] == 1:
+            # The native step, so that a single-token forward equals a decode_batch row.
+            return self.decode_batch([cache], tokens.view(1)).view(1, 1, -1)
         start = cache.length
         end = start + t
         if end > cache.capacity:
@@ -645,6 +689,11 @@ class StepModel:
                 raise EngineError("decode_batch needs caches of batch size 1")
         for c, s in zip(caches, starts, strict=True):
             c.reserve(s + 1)
+        if self._native is not None:
+            hidden = self._native.decode(caches, tokens, starts)
+            for cache, s in zip(caches, starts, strict=True):
+                cache.length = s + 1
+            return hidden
         positions = torch.tensor(starts, device=self.device).unsqueeze(1)  # [B, 1]
         x = self.embed(tokens.view(bsz, 1))  # [B, 1, D_model]
         cos, sin = self.rotary(x, positions)  # [B, 1, D]

@@ -191,7 +191,8 @@ def test_int4_rejects_shapes_its_kernel_cannot_run() -> None:
         Int4Linear(torch.randn(32, 64, device="meta"))
 
 
-def test_fbgemm_and_weight_only_compute_the_same_int8_product() -> None:
+@pytest.mark.parametrize("kernel", ["native", "fbgemm"])
+def test_int8_kernels_compute_the_same_int8_product(kernel: str) -> None:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=gen) * 0.05
     w[5] = 0.0  # an all-zero row must stay zero, not divide by zero
@@ -202,16 +203,17 @@ def test_fbgemm_and_weight_only_compute_the_same_int8_product() -> None:
     wonly = Int8Linear(w, "weight_only")
     assert wonly.kernel == "weight_only"
     assert (wonly(x) - exact).abs().max().item() <= 1e-5 * exact.abs().max().item()
-    fbgemm = Int8Linear(w)
-    assert fbgemm.kernel == "fbgemm"  # the default on CPU
-    y = fbgemm(x)
+    assert Int8Linear(w).kernel == "native"  # the default on CPU where it builds
+    lin = Int8Linear(w, kernel)  # type: ignore[arg-type]
+    assert lin.kernel == kernel
+    y = lin(x)
     assert y.shape == (4, 3, 96)
     assert torch.equal(y[..., 5], torch.zeros(4, 3))
-    # fbgemm also rounds activations to 8 (7) bits per row: close, not equal.
+    # Both also round activations to 8 (fbgemm without VNNI: 7) bits per row: close, not equal.
     rel = ((y - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
     assert rel < 0.02
     # bf16 inputs come back in bf16.
-    assert fbgemm(x.bfloat16()).dtype == torch.bfloat16
+    assert lin(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_weight_only_model_tracks_fp32(demo_lm_tiny_dir) -> None:

@@ -28,8 +28,10 @@ def _run(model: StepModel, steps: int = 4) -> tuple[list[torch.Tensor], list[tor
 
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_scripted_step_equals_the_python_step(quantize: str) -> None:
-    scripted = StepModel(tiny_llama(seed=3), quantize=quantize)
-    python = StepModel(tiny_llama(seed=3), quantize=quantize, scripted=False)
+    # int8 through fbgemm: the default native kernel has its own step (test_native.py).
+    kernel = "fbgemm" if quantize == "int8" else None
+    scripted = StepModel(tiny_llama(seed=3), quantize=quantize, int8_kernel=kernel)
+    python = StepModel(tiny_llama(seed=3), quantize=quantize, int8_kernel=kernel, scripted=False)
     assert scripted._scripted is not None and python._scripted is None
     h1, k1 = _run(scripted)
     h2, k2 = _run(python)
@@ -54,7 +56,8 @@ def test_scripted_heads_equal_the_python_heads(quantize: str) -> None:
 
     from .conftest import fake_encode
 
-    model = StepModel(tiny_llama(seed=4), quantize=quantize)
+    kernel = "fbgemm" if quantize == "int8" else None  # native int8: test_native.py
+    model = StepModel(tiny_llama(seed=4), quantize=quantize, int8_kernel=kernel)
     core = EngineCore(model, fake_encode, EngineConfig(max_context=256, quantize=quantize))
     assert core._scripted_heads is not None
     assert isinstance(core._rows[0], Int8Linear) == (quantize != "none")  # int4 keeps int8 heads
