@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import statistics
 import threading
 import time
 from collections import deque
@@ -149,11 +150,21 @@ class StepStats:
             self.seconds[batch] = seconds if old is None else old + self.alpha * (seconds - old)
 
     def step_seconds(self, batch: int) -> float | None:
-        """Estimated seconds of one step of ``batch`` tokens (None before any measurement)."""
+        """Estimated seconds of one step of ``batch`` tokens (None before any measurement).
+
+        Never more than a larger batch measured: a step of fewer tokens does no more work, so
+        a smaller batch that measured slower (a pause of the host during its samples) is noise.
+        """
         with self.lock:
             points = sorted(self.seconds.items())
         if not points:
             return None
+        larger = [t for b, t in points if b > batch]
+        estimate = self._interpolate(points, batch)
+        return min(estimate, *larger) if larger else estimate
+
+    @staticmethod
+    def _interpolate(points: list[tuple[int, float]], batch: int) -> float:
         for b, t in points:
             if b == batch:
                 return t
@@ -390,6 +401,7 @@ class EngineCore:
                 cache.length = context
             samplers = [FrameSampler(SamplingParams(seed=i), self.model.device) for i in range(b)]
             tokens = torch.full((b,), AUDIO_TOKEN_BASE, dtype=torch.long, device=self.model.device)
+            samples = []
             for i in range(steps + 1):
                 started = time.perf_counter()
                 hidden = self.model.decode_batch(caches, tokens)
@@ -397,7 +409,8 @@ class EngineCore:
                 for row, sampler in zip(logits, samplers, strict=True):
                     sampler.sample(row, 0)
                 if i:  # the first step of a size pays one-off allocation costs
-                    self.stats.record(b, time.perf_counter() - started)
+                    samples.append(time.perf_counter() - started)
+            self.stats.record(b, statistics.median(samples))  # one stalled step is not the rate
 
     # -- the loop -----------------------------------------------------------------------
     def has_work(self) -> bool:

@@ -183,6 +183,19 @@ def test_step_stats_capacity_from_measured_batches() -> None:
     assert stats.capacity(0.5) == 3
 
 
+def test_a_slow_small_batch_sample_does_not_cap_capacity() -> None:
+    # Calibration measured B = 1 during a pause of the host: slower than B = 2 and over the
+    # budget. Fewer tokens never cost more, so B = 1 counts as fast as B = 2.
+    stats = StepStats(alpha=1.0)
+    budget = FRAME_SECONDS / 7
+    stats.record(1, budget * 1.01)
+    stats.record(2, budget * 0.47)
+    stats.record(4, budget * 0.6)
+    assert stats.step_seconds(1) == pytest.approx(budget * 0.47)
+    assert stats.step_seconds(3) == pytest.approx(budget * 0.535)
+    assert stats.capacity(1.0) == 10  # slope from 2 to 4 extrapolated
+
+
 async def test_admission_refuses_beyond_measured_capacity(kit, tiny_lm) -> None:
     from voxlane.errors import OverloadedError
     from voxlane.server.engine import EngineConfig, SpeechEngine
