@@ -25,7 +25,10 @@ with other processes on 2 cores, 2 OpenMP threads spin against each other).
   differing frame, out of ``frames_compared``; ``_bf16``: the same for fp32 vs the
   checkpoint's bf16 weights, for scale (random weights give near-flat distributions). The
   same keys with ``_int4`` (``int4_vs_int8_speedup``: int8's step time over int4's) measure
-  ``quantize="int4"`` in the same rounds.
+  ``quantize="int4"`` in the same rounds. int8 runs the default kernel (``int8_kernel``:
+  ``native`` where ``native.c`` builds); ``step_ms_int8_fbgemm`` is the same int8 weights
+  through fbgemm and the TorchScript step, in the same rounds, and ``native_vs_fbgemm_speedup``
+  fbgemm's step time over the default's (``_fbgemm``: its accuracy keys).
 
 Raw numbers behind each ratio are in the output, plus the eviction measurement (re-prefill vs
 RoPE re-index of a window, and the re-index logit drift) and the prefix copy vs prefill cost.
@@ -210,15 +213,20 @@ def _legal_heads(sm: StepModel) -> list[Any]:
     return [sm.head_slice(s, s + CODEBOOK_SIZE) for s in starts]
 
 
-def _quantized_steps(fp32: Any, int8: Any, int4: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Decode-step time of fp32, int8 and int4 StepModels, and the quantized models' logits vs
-    fp32's (greedy, teacher-forced). int8's keys have no suffix, int4's end in ``_int4``."""
+def _quantized_steps(
+    fp32: Any, int8: Any, int4: Any, fbgemm: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Decode-step time of fp32, int8 (the default kernel: native where it builds), int4 and
+    fbgemm-int8 StepModels, and the quantized models' logits vs fp32's (greedy, teacher-forced).
+    int8's keys have no suffix, int4's end in ``_int4``."""
     torch.set_num_threads(args.threads)
     models = {
         "fp32": StepModel(fp32.model),
         "int8": StepModel(int8.model, quantize="int8"),
         "int4": StepModel(int4.model, quantize="int4"),
+        "fbgemm": StepModel(fbgemm.model, quantize="int8", int8_kernel="fbgemm"),
     }
+    kernel = models["int8"]._fused[0].wqkv.kernel  # type: ignore[index,union-attr]
     heads = {name: _legal_heads(sm) for name, sm in models.items()}
     prompt = torch.tensor([finetuned_prompt(fp32.encode, "tara", TEXT)])
     n_prompt = prompt.shape[1]
@@ -255,11 +263,19 @@ def _quantized_steps(fp32: Any, int8: Any, int4: Any, args: argparse.Namespace) 
                 out[f"step_ms_{q}{key}"] = round(best[f"{q}{key}"], 2)
                 out[f"{q}_speedup{key}"] = round(best[f"fp32{key}"] / best[f"{q}{key}"], 3)
             out[f"int4_vs_int8_speedup{key}"] = round(best[f"int8{key}"] / best[f"int4{key}"], 3)
+            out[f"step_ms_int8_fbgemm{key}"] = round(best[f"fbgemm{key}"], 2)
+            out[f"native_vs_fbgemm_speedup{key}"] = round(
+                best[f"fbgemm{key}"] / best[f"int8{key}"], 3
+            )
+        out["int8_kernel"] = kernel
         # Accuracy: every model fed fp32's greedy legal token.
         n = args.int8_tokens
         cache = {name: sm.new_cache(n_prompt + n) for name, sm in models.items()}
         hidden = {name: sm.forward(cache[name], prompt)[:, -1] for name, sm in models.items()}
-        stats = {q: {"agree": 0, "signal": 0.0, "noise": 0.0, "cos": 1.0} for q in ("int8", "int4")}
+        stats = {
+            q: {"agree": 0, "signal": 0.0, "noise": 0.0, "cos": 1.0}
+            for q in ("int8", "int4", "fbgemm")
+        }
         for i in range(n):
             a = heads["fp32"][i % FRAME_SIZE](hidden["fp32"])[0]
             for q, st in stats.items():
@@ -318,8 +334,8 @@ async def _int8(fp32_engine: SpeechEngine, args: argparse.Namespace) -> dict[str
             await engine.aclose()
     block["frames_compared"] = len(reference)
     load = functools.partial(load_speech_lm, path, dtype="float32")
-    fp32, int8, int4 = [await asyncio.to_thread(load) for _ in range(3)]
-    block |= await asyncio.to_thread(_quantized_steps, fp32, int8, int4, args)
+    fp32, int8, int4, fbgemm = [await asyncio.to_thread(load) for _ in range(4)]
+    block |= await asyncio.to_thread(_quantized_steps, fp32, int8, int4, fbgemm, args)
     return block
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from voxlane.errors import ModelFormatError, OutOfRangeError
+from voxlane.server.engine import native
 from voxlane.server.orpheus import FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, Frame, validate_frame
 
 __all__ = [
@@ -118,6 +119,12 @@ class _Op:
         return None
 
 
+def _native_lib() -> Any:
+    """voxlane's native kernels (``engine/native.c``: Snake and depthwise convolutions in one
+    pass each) where they build, else None (torch ops)."""
+    return native.library()
+
+
 def _pack(xs: list[Tensor]) -> Tensor:
     return xs[0] if len(xs) == 1 else torch.cat(xs)
 
@@ -146,8 +153,11 @@ class _Snake(_Pointwise):
         alpha = module.alpha.detach().reshape(-1)
         self.alpha = alpha.contiguous()
         self.inv_alpha = (alpha + 1e-9).reciprocal().contiguous()  # as SNAC computes it
+        self.native = _native_lib() if alpha.shape[0] % 16 == 0 else None
 
     def apply(self, x: Tensor, batch: _Batch) -> Tensor:
+        if self.native is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            return native.snake(self.native, x.contiguous(), self.alpha, self.inv_alpha)
         y = torch.mul(x, self.alpha)
         y.sin_()
         y.mul_(y)
@@ -230,6 +240,10 @@ class _Conv(_Op):
         self.in_channels = conv.in_channels
         self.weight = conv.weight.detach().unsqueeze(2).contiguous()  # [C_out, C_in/g, 1, k]
         self.bias = None if conv.bias is None else conv.bias.detach().contiguous()
+        # Depthwise (SNAC's residual units): the native kernel, taps as [k, C].
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        self.native = _native_lib() if depthwise and conv.in_channels % 16 == 0 else None
+        self.taps = self.weight[:, 0, 0].t().contiguous() if self.native is not None else None
 
     def init_state(self) -> Any:
         return torch.zeros((self.pad, self.in_channels), dtype=self.weight.dtype)
@@ -252,13 +266,18 @@ class _Conv(_Op):
         if not live:
             return [empty for _ in xs]
         packed = _pack(live)
-        y = F.conv2d(
-            _as_nchw(packed),
-            self.weight,
-            self.bias,
-            dilation=(1, self.dilation),
-            groups=self.groups,
-        )[0, :, 0].t()  # [T - span, C_out]
+        if self.native is not None and packed.dtype == torch.float32:
+            y = native.depthwise(
+                self.native, packed.contiguous(), self.taps, self.bias, self.dilation
+            )
+        else:
+            y = F.conv2d(
+                _as_nchw(packed),
+                self.weight,
+                self.bias,
+                dilation=(1, self.dilation),
+                groups=self.groups,
+            )[0, :, 0].t()  # [T - span, C_out]
         result: list[Tensor] = []
         offset = 0
         for w, n in zip(windows, outs, strict=True):

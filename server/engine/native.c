@@ -430,3 +430,61 @@ int vx_heads(const vx_linear *heads, int64_t n_heads, int64_t B, const float *co
   free(xs), free(ys), free(rows);
   return rc;
 }
+
+/* ---- SNAC kernels (the codec's streaming decoder, server/snac_stream.py) --------------- */
+
+/* sin(x)^2, 16 lanes: x = j pi/2 + r with |r| <= pi/4 (three-part pi/2), then sin(r)^2 for
+ * even j and cos(r)^2 for odd j (the sign of the quadrant drops out of the square). Cephes'
+ * single-precision polynomials; absolute error ~1e-7 for |x| up to ~1e4. */
+static inline v16 vsin2(v16 x) {
+  const v16 magic = vsplat(12582912.0f);
+  const v16 j = (x * 0.63661977236758134f + magic) - magic;
+  v16 r = x - j * 1.5703125f;
+  r = r - j * 4.837512969970703125e-4f;
+  r = r - j * 7.54978995489188216e-8f;
+  const v16 z = r * r;
+  v16 s = vsplat(-1.9515295891e-4f);
+  s = s * z + 8.3321608736e-3f;
+  s = s * z - 1.6666654611e-1f;
+  s = s * z * r + r;
+  v16 c = vsplat(2.443315711809948e-5f);
+  c = c * z - 1.388731625493765e-3f;
+  c = c * z + 4.166664568298827e-2f;
+  c = c * z * z - 0.5f * z + 1.0f;
+  const vi16 odd = (__builtin_convertvector(j, vi16) & 1) != 0;
+  return vselect(odd, c * c, s * s);
+}
+
+/* SNAC's Snake on rows [T, C]: y = x + inv_alpha[c] * sin(alpha[c] x)^2 (y may be x). */
+int vx_snake(const float *x, float *y, int64_t t, int64_t c, const float *alpha,
+             const float *inv_alpha) {
+  if (c % 16) return VX_ESHAPE;
+  for (int64_t i = 0; i < t; i++) {
+    const float *xi = x + i * c;
+    float *yi = y + i * c;
+    for (int64_t j = 0; j < c; j += 16) {
+      const v16 v = vload(xi + j);
+      vstore(yi + j, v + vload(inv_alpha + j) * vsin2(v * vload(alpha + j)));
+    }
+  }
+  return VX_OK;
+}
+
+/* Depthwise dilated convolution on rows [T_in, C] with no padding (the caller keeps the
+ * context rows): y[t, c] = bias[c] + sum_j w[j, c] x[t + j d, c] for t < T_in - (k - 1) d.
+ * w is [k, C] (tap-major); bias may be NULL. */
+int vx_depthwise(const float *x, int64_t t_in, int64_t c, const float *w, const float *bias,
+                 int64_t k, int64_t d, float *y) {
+  if (c % 16) return VX_ESHAPE;
+  const int64_t t_out = t_in - (k - 1) * d;
+  for (int64_t t = 0; t < t_out; t++) {
+    float *yt = y + t * c;
+    for (int64_t j = 0; j < c; j += 16) {
+      v16 acc = bias ? vload(bias + j) : vsplat(0.0f);
+      for (int64_t tap = 0; tap < k; tap++)
+        acc += vload(w + tap * c + j) * vload(x + (t + tap * d) * c + j);
+      vstore(yt + j, acc);
+    }
+  }
+  return VX_OK;
+}

@@ -37,7 +37,7 @@ from voxlane.errors import EngineError
 if TYPE_CHECKING:
     from .model import Int8Linear, KVCache, StepModel
 
-__all__ = ["NativeStep", "available", "library"]
+__all__ = ["NativeStep", "available", "depthwise", "library", "snake"]
 
 log = logging.getLogger("voxlane.engine")
 
@@ -48,7 +48,7 @@ _ERRORS = {
     1: "out of memory",
     2: "a token id outside the vocabulary",
     3: "a position outside the cache or the RoPE table",
-    4: "a weight shape the native kernels do not take",
+    4: "a shape the native kernels do not take",
 }
 
 _lock = threading.Lock()
@@ -170,6 +170,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vx_decode.argtypes = [ctypes.POINTER(_Model), i64, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.vx_heads.restype = ctypes.c_int
     lib.vx_heads.argtypes = [ctypes.POINTER(_Linear), i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64]
+    lib.vx_snake.restype = ctypes.c_int
+    lib.vx_snake.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
+    lib.vx_depthwise.restype = ctypes.c_int
+    lib.vx_depthwise.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr]
     return lib
 
 
@@ -233,6 +237,39 @@ def linear(desc: _Linear, x: Tensor) -> Tensor:
         rc = lib.vx_linear_forward(ctypes.byref(desc), rows.data_ptr(), out.data_ptr(), len(rows))
         _check(rc, "int8 product")
     return out.view(*x.shape[:-1], desc.n)
+
+
+def snake(lib: ctypes.CDLL, x: Tensor, alpha: Tensor, inv_alpha: Tensor) -> Tensor:
+    """SNAC's Snake on rows ``x`` ``[T, C]`` (float32, contiguous; ``C % 16 == 0``):
+    ``x + inv_alpha * sin(alpha * x)^2`` in one pass (``alpha``/``inv_alpha`` ``[C]``)."""
+    y = torch.empty_like(x)
+    rc = lib.vx_snake(
+        x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], alpha.data_ptr(), inv_alpha.data_ptr()
+    )
+    _check(rc, "snake")
+    return y
+
+
+def depthwise(
+    lib: ctypes.CDLL, x: Tensor, taps: Tensor, bias: Tensor | None, dilation: int
+) -> Tensor:
+    """A depthwise dilated convolution over rows ``x`` ``[T, C]`` (float32, contiguous;
+    ``C % 16 == 0``) without padding: ``taps`` ``[k, C]``; ``[T - (k - 1) dilation, C]`` out."""
+    k, c = taps.shape
+    out = torch.empty(max(0, x.shape[0] - (k - 1) * dilation), c)
+    if out.shape[0]:
+        rc = lib.vx_depthwise(
+            x.data_ptr(),
+            x.shape[0],
+            c,
+            taps.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            k,
+            dilation,
+            out.data_ptr(),
+        )
+        _check(rc, "depthwise convolution")
+    return out
 
 
 def _ptrs(values: list[int]) -> Any:

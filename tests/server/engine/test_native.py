@@ -217,3 +217,29 @@ def test_native_can_be_turned_off() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "fbgemm"
+
+
+def test_snake_matches_snacs_formula(lib) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=gen) * torch.logspace(-3, 3, 64)  # |alpha x| up to ~1e4
+    alpha = torch.rand(64, generator=gen) * 5 + 0.05
+    inv = (alpha + 1e-9).reciprocal()
+    expected = x + inv * torch.sin(alpha * x).pow(2)
+    got = native.snake(lib, x, alpha, inv)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-5)
+    with pytest.raises(EngineError, match="shape"):
+        native.snake(lib, torch.zeros(2, 24), torch.ones(24), torch.ones(24))
+
+
+@pytest.mark.parametrize("dilation", [1, 3, 9])
+def test_depthwise_convolution_matches_torch(lib, dilation: int) -> None:
+    gen = torch.Generator().manual_seed(dilation)
+    conv = torch.nn.Conv1d(32, 32, 7, dilation=dilation, groups=32)
+    x = torch.randn(100, 32, generator=gen)  # rows [T, C]
+    with torch.no_grad():
+        expected = conv(x.t().unsqueeze(0))[0].t()  # no padding: T - 6 d rows
+    taps = conv.weight.detach()[:, 0].t().contiguous()  # [k, C]
+    got = native.depthwise(lib, x, taps, conv.bias.detach(), dilation)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert native.depthwise(lib, x[: 6 * dilation], taps, None, dilation).shape == (0, 32)
