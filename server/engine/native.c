@@ -82,10 +82,21 @@ static inline v16 vselect(vi16 mask, v16 a, v16 b) {
   return a;
 }
 
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+/* Sum of the 16 lanes as a tree (4 adds deep, not 16). */
 static inline float vsum(v16 v) {
+#if defined(__clang__) || __GNUC__ >= 12
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+#else
   float s = 0.0f;
   for (int i = 0; i < 16; i++) s += v[i];
   return s;
+#endif
 }
 
 /* e^x, 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through the
@@ -265,19 +276,23 @@ int vx_linear_forward(const vx_linear *l, const float *x, float *y, int64_t m) {
 
 /* ---- attention ---------------------------------------------------------------------- */
 
-/* One query token of G heads (those sharing KV head kv) over keys/values 0..len-1, each
- * [S, D] with row stride D: o = softmax(q k^T * scaling) v, in float32. */
+/* One query token of G heads (those sharing one KV head) over keys/values 0..len-1, each
+ * [S, D] with row stride D (D % 16 == 0): o = softmax(q k^T * scaling) v, in float32. Each key
+ * is loaded once for the G heads; the weighted sum of values keeps 64 output columns of a
+ * head in registers while it walks the keys. */
 static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t g,
                    int64_t d, float scaling, float *scores, float *o) {
-  for (int64_t j = 0; j < g; j++) {
-    const float *qj = q + j * d;
-    float *sj = scores + j * len;
-    for (int64_t s = 0; s < len; s++) {
-      const float *ks = k + s * d;
-      v16 acc = {0};
-      for (int64_t t = 0; t < d; t += 16) acc += vload(qj + t) * vload(ks + t);
-      sj[s] = vsum(acc) * scaling;
+  for (int64_t s = 0; s < len; s++) {
+    const float *ks = k + s * d;
+    for (int64_t j = 0; j < g; j++) {
+      const float *qj = q + j * d;
+      v16 acc = vload(qj) * vload(ks);
+      for (int64_t t = 16; t < d; t += 16) acc += vload(qj + t) * vload(ks + t);
+      scores[j * len + s] = vsum(acc) * scaling;
     }
+  }
+  for (int64_t j = 0; j < g; j++) {
+    float *sj = scores + j * len;
     float mx = sj[0];
     for (int64_t s = 1; s < len; s++) mx = sj[s] > mx ? sj[s] : mx;
     float total = 0.0f;
@@ -296,13 +311,28 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
         total += e[t];
       }
     }
-    float inv = 1.0f / total;
+    const float inv = 1.0f / total;
     float *oj = o + j * d;
-    for (int64_t t = 0; t < d; t += 16) vstore(oj + t, vsplat(0.0f));
-    for (int64_t s2 = 0; s2 < len; s2++) {
-      const v16 p = vsplat(sj[s2] * inv);
-      const float *vs = v + s2 * d;
-      for (int64_t t = 0; t < d; t += 16) vstore(oj + t, vload(oj + t) + p * vload(vs + t));
+    int64_t t0 = 0;
+    for (; t0 + 64 <= d; t0 += 64) {
+      v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+      const float *vs = v + t0;
+      for (int64_t s2 = 0; s2 < len; s2++, vs += d) {
+        const v16 p = vsplat(sj[s2]);
+        a0 += p * vload(vs);
+        a1 += p * vload(vs + 16);
+        a2 += p * vload(vs + 32);
+        a3 += p * vload(vs + 48);
+      }
+      vstore(oj + t0, a0 * inv);
+      vstore(oj + t0 + 16, a1 * inv);
+      vstore(oj + t0 + 32, a2 * inv);
+      vstore(oj + t0 + 48, a3 * inv);
+    }
+    for (; t0 < d; t0 += 16) {
+      v16 a0 = {0};
+      for (int64_t s2 = 0; s2 < len; s2++) a0 += vsplat(sj[s2]) * vload(v + s2 * d + t0);
+      vstore(oj + t0, a0 * inv);
     }
   }
 }
