@@ -282,6 +282,7 @@ int vx_linear_forward(const vx_linear *l, const float *x, float *y, int64_t m) {
  * head in registers while it walks the keys. */
 static void attend(const float *q, const float *k, const float *v, int64_t len, int64_t g,
                    int64_t d, float scaling, float *scores, float *o) {
+  float inv[64];
   for (int64_t s = 0; s < len; s++) {
     const float *ks = k + s * d;
     for (int64_t j = 0; j < g; j++) {
@@ -311,28 +312,41 @@ static void attend(const float *q, const float *k, const float *v, int64_t len, 
         total += e[t];
       }
     }
-    const float inv = 1.0f / total;
-    float *oj = o + j * d;
-    int64_t t0 = 0;
-    for (; t0 + 64 <= d; t0 += 64) {
-      v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    inv[j] = 1.0f / total;
+  }
+  /* o_j = sum_s p_j[s] v_s for all G heads in one pass over the values, 64 columns at a
+   * time: each value row is loaded once and its sums stay in registers. */
+  for (int64_t t0 = 0; t0 < d; t0 += 64) {
+    const int64_t w = d - t0 < 64 ? (d - t0) / 16 : 4;
+    for (int64_t j0 = 0; j0 < g; j0 += 4) {
+      const int64_t gb = g - j0 < 4 ? g - j0 : 4;
+      v16 acc[4][4] = {{{0}}};
       const float *vs = v + t0;
-      for (int64_t s2 = 0; s2 < len; s2++, vs += d) {
-        const v16 p = vsplat(sj[s2]);
-        a0 += p * vload(vs);
-        a1 += p * vload(vs + 16);
-        a2 += p * vload(vs + 32);
-        a3 += p * vload(vs + 48);
+      if (w == 4 && gb == 4) { /* the common case, with constant bounds: all in registers */
+        const float *p0 = scores + j0 * len;
+        for (int64_t s2 = 0; s2 < len; s2++, vs += d) {
+          const v16 r0 = vload(vs), r1 = vload(vs + 16), r2 = vload(vs + 32), r3 = vload(vs + 48);
+          for (int j = 0; j < 4; j++) {
+            const v16 p = vsplat(p0[j * len + s2]);
+            acc[j][0] += p * r0;
+            acc[j][1] += p * r1;
+            acc[j][2] += p * r2;
+            acc[j][3] += p * r3;
+          }
+        }
+      } else {
+        for (int64_t s2 = 0; s2 < len; s2++, vs += d) {
+          v16 row[4];
+          for (int64_t c = 0; c < w; c++) row[c] = vload(vs + 16 * c);
+          for (int64_t j = 0; j < gb; j++) {
+            const v16 p = vsplat(scores[(j0 + j) * len + s2]);
+            for (int64_t c = 0; c < w; c++) acc[j][c] += p * row[c];
+          }
+        }
       }
-      vstore(oj + t0, a0 * inv);
-      vstore(oj + t0 + 16, a1 * inv);
-      vstore(oj + t0 + 32, a2 * inv);
-      vstore(oj + t0 + 48, a3 * inv);
-    }
-    for (; t0 < d; t0 += 16) {
-      v16 a0 = {0};
-      for (int64_t s2 = 0; s2 < len; s2++) a0 += vsplat(sj[s2]) * vload(v + s2 * d + t0);
-      vstore(oj + t0, a0 * inv);
+      for (int64_t j = 0; j < gb; j++)
+        for (int64_t c = 0; c < w; c++)
+          vstore(o + (j0 + j) * d + t0 + 16 * c, acc[j][c] * inv[j0 + j]);
     }
   }
 }
