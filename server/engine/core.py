@@ -152,19 +152,17 @@ class StepStats:
     def step_seconds(self, batch: int) -> float | None:
         """Estimated seconds of one step of ``batch`` tokens (None before any measurement).
 
-        Never more than a larger batch measured: a step of fewer tokens does no more work, so
-        a smaller batch that measured slower (a pause of the host during its samples) is noise.
+        A smaller batch never counts as slower than a larger one measured: a step of fewer
+        tokens does no more work, so such a sample is noise (a pause of the host). Between
+        measured sizes the estimate is linear; beyond the largest it follows the least-squares
+        slope of all of them, so one noisy size cannot flatten it.
         """
         with self.lock:
             points = sorted(self.seconds.items())
         if not points:
             return None
-        larger = [t for b, t in points if b > batch]
-        estimate = self._interpolate(points, batch)
-        return min(estimate, *larger) if larger else estimate
-
-    @staticmethod
-    def _interpolate(points: list[tuple[int, float]], batch: int) -> float:
+        for i in range(len(points) - 2, -1, -1):  # the envelope, from the largest size down
+            points[i] = (points[i][0], min(points[i][1], points[i + 1][1]))
         for b, t in points:
             if b == batch:
                 return t
@@ -173,14 +171,17 @@ class StepStats:
             return t * batch / b  # no slope known: assume no batching gain (pessimistic)
         lower = [p for p in points if p[0] < batch]
         upper = [p for p in points if p[0] > batch]
-        if lower and upper:
-            (b0, t0), (b1, t1) = lower[-1], upper[0]
-        elif upper:
-            (b0, t0), (b1, t1) = upper[0], upper[1]
+        if upper:
+            (b0, t0), (b1, t1) = (lower[-1], upper[0]) if lower else (upper[0], upper[1])
+            slope = (t1 - t0) / (b1 - b0)
         else:
-            (b0, t0), (b1, t1) = lower[-2], lower[-1]
-        slope = max(0.0, (t1 - t0) / (b1 - b0))
-        return max(1e-9, t0 + slope * (batch - b0))
+            b0, t0 = points[-1]
+            mean_b = sum(b for b, _ in points) / len(points)
+            mean_t = sum(t for _, t in points) / len(points)
+            slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / sum(
+                (b - mean_b) ** 2 for b, _ in points
+            )
+        return max(1e-9, t0 + max(0.0, slope) * (batch - b0))
 
     def capacity(self, headroom: float, limit: int = 256) -> int | None:
         """Most streams whose batched step keeps each of them real time, with ``headroom``

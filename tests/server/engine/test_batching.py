@@ -193,7 +193,20 @@ def test_a_slow_small_batch_sample_does_not_cap_capacity() -> None:
     stats.record(4, budget * 0.6)
     assert stats.step_seconds(1) == pytest.approx(budget * 0.47)
     assert stats.step_seconds(3) == pytest.approx(budget * 0.535)
-    assert stats.capacity(1.0) == 10  # slope from 2 to 4 extrapolated
+    # Beyond 4: the least-squares slope of (1, .47), (2, .47), (4, .6), 0.0464 per stream.
+    assert stats.capacity(1.0) == 12
+
+
+def test_a_fast_large_batch_sample_does_not_unbound_capacity() -> None:
+    # B = 8 measured faster than B = 4: the slope of those two alone would be zero and every
+    # count would fit. The fit over all sizes keeps a slope.
+    stats = StepStats(alpha=1.0)
+    budget = FRAME_SECONDS / 7
+    for batch, share in ((1, 0.3), (2, 0.4), (4, 0.7), (8, 0.65)):
+        stats.record(batch, budget * share)
+    assert stats.step_seconds(4) == pytest.approx(budget * 0.65)
+    capacity = stats.capacity(1.0)
+    assert capacity is not None and 8 <= capacity < 20
 
 
 async def test_admission_refuses_beyond_measured_capacity(kit, tiny_lm) -> None:
