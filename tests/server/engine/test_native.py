@@ -4,6 +4,7 @@ its build cache and its fallback."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import subprocess
@@ -243,3 +244,37 @@ def test_depthwise_convolution_matches_torch(lib, dilation: int) -> None:
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert native.depthwise(lib, x[: 6 * dilation], taps, None, dilation).shape == (0, 32)
+
+
+def test_head_dim_64_attention_blocks_match_the_fbgemm_step(lib) -> None:
+    # Head size 64 (the small demo model's, and half of Orpheus 3B's 128) takes the 16-key
+    # blocks of the query-key products; 37 cached keys: two blocks and a tail of 5. Queries
+    # are scaled up so attention is peaked (random weights make it nearly uniform, which would
+    # hide keys scored in the wrong order), and the fbgemm step on the same int8 weights is
+    # the reference.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    for layer in hf.model.layers:
+        layer.self_attn.q_proj.weight.data *= 30.0
+    models = [
+        StepModel(copy.deepcopy(hf), quantize="int8", int8_kernel="fbgemm"),
+        StepModel(hf, quantize="int8"),
+    ]
+    assert models[1]._native is not None and models[1].head_dim == 64
+    prompt = torch.randint(0, 1024, (1, 36))
+    rows = []
+    for m in models:
+        cache = m.new_cache(64)
+        m.forward(cache, prompt)
+        rows.append(m.decode_batch([cache], torch.tensor([7])))
+    assert (rows[0] - rows[1]).abs().max().item() < 0.05 * rows[0].abs().max().item()
