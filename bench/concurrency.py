@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turn-frames", type=int, default=48, help="frames per real-time turn")
     parser.add_argument("--max-streams", type=int, default=8, help="real-time search bound")
     parser.add_argument("--repeats", type=int, default=2, help="runs per load (all must be clean)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved throughput rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds")
     parser.add_argument("--seed", type=int, default=1)
 
 
