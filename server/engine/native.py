@@ -239,9 +239,18 @@ def linear(desc: _Linear, x: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], desc.n)
 
 
+def _check_rows(x: Tensor, channels: int) -> None:
+    # The C code trusts these: a wrong shape would read past the end of a buffer.
+    if x.dim() != 2 or x.shape[1] != channels or x.dtype != torch.float32:
+        raise EngineError(f"expected float32 rows [T, {channels}], got {x.dtype} {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise EngineError("expected contiguous rows")
+
+
 def snake(lib: ctypes.CDLL, x: Tensor, alpha: Tensor, inv_alpha: Tensor) -> Tensor:
     """SNAC's Snake on rows ``x`` ``[T, C]`` (float32, contiguous; ``C % 16 == 0``):
     ``x + inv_alpha * sin(alpha * x)^2`` in one pass (``alpha``/``inv_alpha`` ``[C]``)."""
+    _check_rows(x, alpha.shape[0])
     y = torch.empty_like(x)
     rc = lib.vx_snake(
         x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], alpha.data_ptr(), inv_alpha.data_ptr()
@@ -256,6 +265,7 @@ def depthwise(
     """A depthwise dilated convolution over rows ``x`` ``[T, C]`` (float32, contiguous;
     ``C % 16 == 0``) without padding: ``taps`` ``[k, C]``; ``[T - (k - 1) dilation, C]`` out."""
     k, c = taps.shape
+    _check_rows(x, c)
     out = torch.empty(max(0, x.shape[0] - (k - 1) * dilation), c)
     if out.shape[0]:
         rc = lib.vx_depthwise(
@@ -356,8 +366,8 @@ class NativeStep:
             return "projections that are not native int8"
         if model.head_dim % 16 or model.config.hidden_size % 16 or model.head_dim % 2:
             return "a hidden size or head size that is not a multiple of 16"
-        if model.n_heads % model.n_kv_heads:
-            return "query heads not a multiple of KV heads"
+        if model.n_heads % model.n_kv_heads or model.n_heads // model.n_kv_heads > 64:
+            return "query heads not a multiple of KV heads, or more than 64 per KV head"
         if not model.embed.weight.is_contiguous():
             return "a non-contiguous embedding table"
         if model._fused[0].w_down.in_features % 16:  # type: ignore[union-attr]
@@ -426,6 +436,8 @@ class NativeStep:
             h if h.is_contiguous() and h.dtype == torch.float32 else h.float().contiguous()
             for h in hidden
         ]
+        if any(h.numel() != self.dim for h in rows):
+            raise EngineError(f"hidden states must have {self.dim} values each")
         out = torch.empty(bsz, n + 1)
         rc = self.lib.vx_heads(
             descs,

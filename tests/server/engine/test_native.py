@@ -278,3 +278,12 @@ def test_head_dim_64_attention_blocks_match_the_fbgemm_step(lib) -> None:
         m.forward(cache, prompt)
         rows.append(m.decode_batch([cache], torch.tensor([7])))
     assert (rows[0] - rows[1]).abs().max().item() < 0.05 * rows[0].abs().max().item()
+
+
+def test_kernels_refuse_rows_of_the_wrong_shape(lib) -> None:
+    with pytest.raises(EngineError, match="rows"):
+        native.snake(lib, torch.zeros(3, 32), torch.ones(16), torch.ones(16))
+    with pytest.raises(EngineError, match="rows"):
+        native.depthwise(lib, torch.zeros(20, 16, dtype=torch.float64), torch.ones(7, 16), None, 1)
+    with pytest.raises(EngineError, match="contiguous"):
+        native.snake(lib, torch.zeros(32, 16).t(), torch.ones(32), torch.ones(32))
