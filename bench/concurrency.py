@@ -5,7 +5,11 @@ Everything runs on the ``--model`` demo LM (default ``small``), its layer weight
 logits and frames), and the demo SNAC, decoded exactly in a child process (``--codec-worker``,
 default ``process`` as ``voxlane serve``) with its matrix products in ``--codec-precision``
 (default bfloat16; ``codec_snr_db`` is what that changes: the bf16 decode of 32 random frames
-against the float32 one). The engine thread and the codec get ``--threads`` torch threads
+against the float32 one). The server's turns are paced (``--pace-ahead``, default 1 s:
+``EngineConfig.pace_ahead_s``, ``voxlane serve --pace-ahead 1``): a turn whose listener holds
+more than a second of audio waits, leaving the CPU to the codec and the other turns;
+``--pace-ahead 0`` turns it off. The throughput part runs engine sessions without a
+listener, which are never paced. The engine thread and the codec get ``--threads`` torch threads
 each. Only ratios from one run mean anything (the box is shared).
 
 - ``tokens_per_s``: aggregate audio tokens/s of the engine alone (no SNAC) with 1, 2, 4 and 8
@@ -24,7 +28,7 @@ each. Only ratios from one run mean anything (the box is shared).
   every one of its runs is clean. The first count with an underrun stops the search.
 - ``first_audio_p50_ms`` / ``first_audio_p95_ms`` / ``rtf_at_load``: first text to first
   chunk, and the worst real-time factor, of the turns of the last real-time count (its
-  ``--repeats`` runs pooled).
+  ``--repeats`` runs pooled; with pacing on, ``rtf_at_load`` measures the pacing as well).
 - ``capacity_estimate``: the streams the engine's own measurement (calibration plus live
   steps, ``realtime_headroom`` 1.0) says it keeps real time, for comparison.
 """
@@ -46,7 +50,7 @@ TEXT = "Hey there, my name is Tara, and I am a speech model that talks to many p
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.common import add_service_arguments
 
-    add_service_arguments(parser, quantize="int8", codec_precision="bfloat16")
+    add_service_arguments(parser, quantize="int8", codec_precision="bfloat16", pace_ahead=1.0)
     parser.add_argument("--frames", type=int, default=24, help="frames per throughput stream")
     parser.add_argument("--turn-frames", type=int, default=48, help="frames per real-time turn")
     parser.add_argument("--max-streams", type=int, default=8, help="real-time search bound")
@@ -150,6 +154,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "quantize": args.quantize,
         "codec_worker": args.codec_worker,
         "codec_precision": args.codec_precision,
+        "pace_ahead_s": args.pace_ahead if args.pace_ahead and args.pace_ahead > 0 else None,
     }
     try:
         if args.codec_precision != "float32":

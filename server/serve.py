@@ -59,11 +59,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-batch", type=int, default=None, help="most requests per engine step")
     p.add_argument(
+        "--pace-ahead",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a turn whose listener holds more than this much audio waits (leaves the CPU to"
+        " the codec and other turns; 1 helps many streams on a small CPU); default: no pacing",
+    )
+    p.add_argument(
         "--quantize",
         choices=["none", "int8", "int4"],
         default="none",
-        help="int8: the speech LM's layer weights in int8 (CPU decode ~2x faster, small drift);"
-        " int4 (CPU): decode steps from 4-bit weights (faster still at 1-2 streams, more drift)",
+        help="int8: the speech LM's layer weights in int8 (CPU: a native C decode step, ~4x"
+        " faster than float, small drift); int4 (CPU): 4-bit decode weights (more drift)",
     )
     p.add_argument(
         "--codec-worker",
@@ -175,6 +183,7 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
             max_context=args.max_context,
             admission=args.admission,
             max_batch=args.max_batch,
+            pace_ahead_s=args.pace_ahead,
             quantize=args.quantize,
             num_threads=args.engine_threads,
         ),

@@ -81,6 +81,11 @@ class EngineConfig:
     forward. ``max_batch`` caps the requests of one step (None: all); the step takes the ones
     closest to running dry first (playback deadline). ``yield_ahead_s``: a stream more than
     this much audio ahead of real time sits a step out while another is behind it (None: never).
+    ``pace_ahead_s``: a request whose listener is known (``generate(..., playback=...)``, as
+    the server's turns are) waits while it is more than this much audio ahead of it, even when
+    no other stream is behind: those frames are not needed yet, and the CPU goes to the codec
+    and the other streams instead (None, the default: generate as fast as possible). The
+    turn's ``rtf`` then measures the pacing, not the speed.
     ``admission``: ``"refuse"`` makes :meth:`SpeechEngine.open_session` raise
     :class:`~voxlane.errors.OverloadedError` when the measured step throughput cannot keep one
     more stream real time using at most ``realtime_headroom`` of the real-time budget (the
@@ -89,8 +94,9 @@ class EngineConfig:
     everything.
 
     ``quantize``: ``"int8"`` stores the decoder layers' projections as per-output-channel int8
-    (activations stay float; CPU: fbgemm's int8 GEMM, other devices: int8 weight-only). A CPU
-    decode step reads a quarter of the bytes and runs ~2x faster; the logits move slightly
+    (activations stay float; CPU: voxlane's native C decode step where it builds, else
+    fbgemm's int8 GEMM; other devices: int8 weight-only). A CPU decode step reads a quarter of
+    the bytes and runs ~4-5x faster than float32 natively; the logits move slightly
     (docs/architecture-engine.md, "int8 weights", has the measured agreement). The engine then
     owns the model: its float projection weights are released, so ``lm.model`` no longer runs on
     its own. ``"int4"`` (CPU only) runs decode steps from 4-bit group-quantized weights, which
@@ -110,6 +116,7 @@ class EngineConfig:
     initial_cache_slots: int = 1024
     max_batch: int | None = None
     yield_ahead_s: float | None = 2.0
+    pace_ahead_s: float | None = None
     admission: AdmissionPolicy = "off"
     realtime_headroom: float = 0.7
     quantize: Quantize = "none"
@@ -133,6 +140,8 @@ class EngineConfig:
             raise OutOfRangeError(f"max_batch {self.max_batch} is below 1")
         if self.yield_ahead_s is not None and self.yield_ahead_s < 0:
             raise OutOfRangeError(f"yield_ahead_s {self.yield_ahead_s} is negative")
+        if self.pace_ahead_s is not None and self.pace_ahead_s <= 0:
+            raise OutOfRangeError(f"pace_ahead_s {self.pace_ahead_s} is not positive")
         if self.admission not in ("off", "refuse", "wait"):
             raise OutOfRangeError(f"admission {self.admission!r} is not off, refuse or wait")
         if not 0.0 < self.realtime_headroom <= 1.0:

@@ -418,13 +418,41 @@ class EngineCore:
         return bool(self._jobs) or bool(self._schedule())
 
     def _paused(self, req: Request) -> bool:
-        """True while ``req``'s consumer has not taken ``max_frames_ahead`` of its frames.
+        """True while ``req``'s consumer has not taken ``max_frames_ahead`` of its frames, or
+        while its listener holds more than ``pace_ahead_s`` of audio (:meth:`_pace_excess`).
 
         The consumer wakes the loop (:meth:`wake`) when it takes a frame from a paused request,
-        so a paused engine blocks on its inbox instead of spinning.
+        so a paused engine blocks on its inbox instead of spinning; a paced request is looked
+        at again when its listener should be down to the mark (:meth:`run`).
         """
         limit = self.config.max_frames_ahead
-        return limit is not None and req.frames - req.consumed() >= limit
+        if limit is not None and req.frames - req.consumed() >= limit:
+            return True
+        excess = self._pace_excess(req)
+        return excess is not None and excess > 0
+
+    def _pace_excess(self, req: Request) -> float | None:
+        """Seconds of audio ``req``'s listener holds beyond ``pace_ahead_s`` (None: no pacing
+        for it: off, no playback hint, or no frame yet)."""
+        pace = self.config.pace_ahead_s
+        if pace is None or req.playback is None or req.frames == 0:
+            return None
+        held = req.playback()
+        if held is None:
+            return None
+        return held + (req.frames - req.consumed()) * FRAME_SECONDS - pace
+
+    def _idle_timeout(self) -> float | None:
+        """How long an idle loop may block on its inbox: until the first paced request is due
+        again (between 2 and 50 ms: a listener may stall), or forever (None)."""
+        excess = [
+            e
+            for state in self.sessions.values()
+            if state.active is not None and (e := self._pace_excess(state.active)) is not None
+        ]
+        if not excess:
+            return None
+        return min(0.05, max(0.002, min(excess)))
 
     def wake(self) -> None:
         """Make an idle loop look at its requests again (thread-safe)."""
@@ -437,7 +465,10 @@ class EngineCore:
             torch.set_num_threads(self.config.num_threads)
         while not self._stopping:
             if not self.has_work():
-                command = self._inbox.get()
+                try:
+                    command = self._inbox.get(timeout=self._idle_timeout())
+                except queue.Empty:  # a paced request is due: look again
+                    command = _noop
                 self._execute(command)
             try:
                 self.step()

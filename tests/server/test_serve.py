@@ -27,6 +27,7 @@ def test_defaults_decode_in_a_child_with_one_thread(
         program = service.snac_program
         assert isinstance(program, SnacWorkerProgram)
         assert program.threads == 1 and program.precision == "float32"
+        assert service.engine.config.pace_ahead_s is None  # no pacing unless asked
         # The LM gets the cores the codec does not use.
         assert service.engine.config.num_threads == max(1, (os.cpu_count() or 2) - 1)
     finally:
@@ -48,11 +49,14 @@ def test_codec_flags_choose_a_thread_and_bf16(
         "bfloat16",
         "--engine-threads",
         "1",
+        "--pace-ahead",
+        "1.5",
     )
     service = build_server(args).service
     try:
         program = service.snac_program
         assert type(program) is SnacProgram and program.precision == "bfloat16"
         assert service.engine.config.num_threads == 1
+        assert service.engine.config.pace_ahead_s == 1.5
     finally:
         asyncio.run(service.aclose())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import torch
 
@@ -306,3 +309,70 @@ def test_the_playback_hint_decides_who_is_ahead(kit, tiny_model) -> None:
     held["full"] = 0.5  # its listener played most of it: it steps again
     core.step()
     assert runs["full"].steps == 1
+
+
+def test_a_paced_stream_waits_for_its_listener_even_alone(kit, tiny_model) -> None:
+    # pace_ahead_s: a stream whose listener holds more than the mark waits although nobody
+    # else is behind, and steps again once the listener has played it down. A stream with no
+    # playback hint is not paced.
+    core = kit.make_core(tiny_model, pace_ahead_s=1.0, max_frames_ahead=None, yield_ahead_s=None)
+    held = {"value": 0.0}
+    sink = kit.Sink()
+    req = Request(
+        id=core.next_id(),
+        session=core.new_session(Voice.builtin("tara")),
+        text="paced",
+        params=SamplingParams(max_frames=40, seed=1),
+        emit=sink,
+        consumed=lambda: len(sink.frames),
+        playback=lambda: held["value"],
+    )
+    core.add_request(req)
+    free, _ = kit.submit(
+        core, core.new_session(Voice.builtin("leo")), "free", max_frames=40, seed=2
+    )
+    while len(sink.frames) < 2:
+        core.step()
+    assert core._idle_timeout() is not None  # paced: an idle loop looks again soon
+    held["value"] = 1.5  # the listener holds more than the mark
+    steps, free_steps = req.steps, free.steps
+    for _ in range(10):
+        core.step()
+    assert req.steps == steps and core._paused(req)
+    assert free.steps == free_steps + 10  # the stream without a hint is not paced
+    held["value"] = 0.9  # played down below the mark: it steps again
+    core.step()
+    assert req.steps == steps + 1 and not core._paused(req)
+
+
+async def test_an_engine_whose_streams_are_all_paced_does_not_stall(kit, tiny_lm) -> None:
+    # Nothing wakes the loop while every stream is paced: it must look again by itself.
+    from voxlane.server.engine import EngineConfig, SpeechEngine
+
+    engine = SpeechEngine(tiny_lm, EngineConfig(max_context=512, pace_ahead_s=0.05))
+    engine.start()
+    try:
+        session = engine.open_session(engine.builtin_voice("tara"))
+        # The listener holds what the frames would play since the first one, minus real time:
+        # the engine runs at most 50 ms ahead of it.
+        frames: list[float] = []
+
+        def held() -> float:
+            if not frames:
+                return 0.0
+            return len(frames) * FRAME_SECONDS - (time.monotonic() - frames[0])
+
+        params = SamplingParams(max_frames=6, seed=1)
+        stream = session.generate("hello there", params, playback=held)
+
+        async def consume() -> None:
+            async for _ in stream:
+                frames.append(time.monotonic())
+
+        await asyncio.wait_for(consume(), 60)  # a stalled loop fails here instead of hanging
+        assert len(frames) == 6 and stream.finish_reason == "max_frames"
+        # Paced: six frames cannot have come faster than five frame durations, less the 50 ms
+        # of allowed lead (a bound the pacing guarantees, not a speed).
+        assert frames[-1] - frames[0] >= 5 * FRAME_SECONDS - 0.05 - 1e-3
+    finally:
+        await engine.aclose()
