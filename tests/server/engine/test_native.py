@@ -20,6 +20,7 @@ from voxlane.server.engine.core import EngineCore
 from voxlane.server.engine.model import Int8Linear, StepModel
 
 from .conftest import fake_encode, tiny_llama
+from .test_scripted import _run
 
 
 @pytest.fixture(scope="module")
@@ -84,26 +85,13 @@ def test_generic_and_vnni_kernels_agree_bit_for_bit(lib, generic_lib) -> None:
     assert torch.equal(out["vnni"], out["generic"])
 
 
-def _decode_three(model: StepModel, steps: int = 5) -> list[torch.Tensor]:
-    torch.manual_seed(1)
-    caches = [model.new_cache(200) for _ in range(3)]
-    for cache, length in zip(caches, (5, 126, 140), strict=True):
-        model.forward(cache, torch.randint(0, 1000, (1, length)))
-    hidden = []
-    for step in range(steps):
-        batch = caches if step % 2 == 0 else caches[1:]
-        tokens = torch.tensor([130_000 + step, 140_000 + step, 150_000 + step])[: len(batch)]
-        hidden.append(model.decode_batch(batch, tokens))
-    return hidden
-
-
 def test_native_step_tracks_the_fbgemm_step(lib) -> None:
     native_model = StepModel(tiny_llama(seed=3), quantize="int8")
     fbgemm_model = StepModel(tiny_llama(seed=3), quantize="int8", int8_kernel="fbgemm")
     reference = StepModel(tiny_llama(seed=3))  # float32
     assert native_model._native is not None and native_model._scripted is None
     assert fbgemm_model._native is None and fbgemm_model._scripted is not None
-    a, b, ref = (_decode_three(m) for m in (native_model, fbgemm_model, reference))
+    a, b, ref = (_run(m, steps=5)[0] for m in (native_model, fbgemm_model, reference))
     for x, y, r in zip(a, b, ref, strict=True):
         # Same quantization scheme, different rounding of the activations' scale now and
         # then: the two int8 steps are much closer to each other than to float32.
