@@ -127,11 +127,23 @@ def _cpu_id() -> str:
 
 
 def _build(generic: bool) -> Path:
-    """Compile ``native.c`` into the cache (once per source, flags, compiler and CPU)."""
+    """Compile ``native.c`` into the cache (once per source, flags, compiler and CPU). A
+    compiler that refuses ``-march=native`` (some targets' clang) gets a build without it."""
     cc = _compiler()
     if cc is None:
         raise EngineError("no C compiler (set CC, or install cc, gcc or clang)")
     flags = [*_FLAGS, "-DVX_GENERIC"] if generic else list(_FLAGS)
+    try:
+        return _build_with(cc, flags)
+    except EngineError as first:
+        portable = [f for f in flags if not f.startswith("-march=")]
+        if portable == flags:
+            raise
+        log.info("building %s without -march=native: %s", _SOURCE.name, first)
+        return _build_with(cc, portable)
+
+
+def _build_with(cc: str, flags: list[str]) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), " ".join(flags).encode(), version.stdout.encode()):

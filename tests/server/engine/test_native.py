@@ -179,6 +179,24 @@ def test_the_build_is_cached(lib, monkeypatch) -> None:
     assert native._build(generic=False) != first
 
 
+def test_a_compiler_that_refuses_march_native_builds_without_it(lib, monkeypatch) -> None:
+    flags = tuple("-march=no-such-cpu" if f == "-march=native" else f for f in native._FLAGS)
+    monkeypatch.setattr(native, "_FLAGS", flags)
+    built = native._bind(ctypes.CDLL(str(native._build(generic=False))))
+    assert built.vx_has_vnni() == 0  # no -march at all: the portable kernel
+    desc_lin = Int8Linear(torch.randn(32, 32), "native")
+    x = torch.randn(3, 32)
+    out = torch.empty(3, 32)
+    assert (
+        built.vx_linear_forward(
+            ctypes.byref(desc_lin.native_struct()), x.data_ptr(), out.data_ptr(), 3
+        )
+        == 0
+    )
+    # The same integer sums; the float steps round differently without FMA (baseline x86-64).
+    assert torch.allclose(out, desc_lin(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_failed_build_falls_back_to_fbgemm(monkeypatch, caplog) -> None:
     monkeypatch.setattr(native, "_compiler", lambda: None)
     monkeypatch.setattr(native, "_loaded", {})
