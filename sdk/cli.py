@@ -305,15 +305,16 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument(
         "--quantize",
         choices=["none", "int8", "int4"],
-        default="none",
-        help="int8: the speech LM's layers in int8 (the fast CPU setting, as `serve --quantize`);"
-        " int4: 4-bit decode weights",
+        default="int8",
+        help="the speech LM's layer weights (as `serve --quantize`): int8 (default, the fast CPU"
+        " setting: voxlane's native decode step), none (the checkpoint's float weights), int4",
     )
     p.add_argument(
         "--codec-precision",
         choices=["float32", "bfloat16"],
-        default="float32",
-        help="SNAC's matrix products (as `serve --codec-precision`)",
+        default=None,
+        help="SNAC's matrix products (as `serve --codec-precision`); default: bfloat16 where the"
+        " CPU has bf16 hardware (AMX), else float32",
     )
     handlers["demo"] = _cmd_demo
 

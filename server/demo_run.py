@@ -65,8 +65,12 @@ def run_demo(args: argparse.Namespace) -> int:
     snac_dir = ensure_demo_snac(args.root)
     print(f"demo weights   {lm_dir.parent}  ({time.perf_counter() - t0:.1f} s)")
     t0 = time.perf_counter()
-    quantize = getattr(args, "quantize", "none")
-    precision = getattr(args, "codec_precision", "float32")
+    quantize = getattr(args, "quantize", "int8")
+    precision = getattr(args, "codec_precision", None)
+    if precision is None:  # bfloat16 products only where the CPU has the hardware for them
+        from voxlane.server.snac_stream import bf16_supported
+
+        precision = "bfloat16" if bf16_supported() else "float32"
     service = SpeechService.load(
         str(lm_dir),
         str(snac_dir),
