@@ -121,12 +121,14 @@ class Int8Linear:
         self._q: Tensor | None = None
         self._scale: Tensor | None = None
         self._rowsum: Tensor | None = None
-        self._native: tuple[Tensor, native._Linear] | None = None
+        # (packed weights, their C description, the library): built once, used every call.
+        self._native: tuple[Tensor, native._Linear, Any] | None = None
         if kernel == "native":
             self._rowsum = q.float().sum(dim=1) * scale  # [out]: W_int8 @ 1, in float
             self._scale = scale.float().contiguous()
             packed = native.pack(q)
-            self._native = (packed, native.linear_struct(packed, self._scale, self._rowsum))
+            desc = native.linear_struct(packed, self._scale, self._rowsum)
+            self._native = (packed, desc, native.library())
         elif kernel == "fbgemm":
             self._rowsum = q.float().sum(dim=1) * scale  # [out]: W_int8 @ 1, in float
             with warnings.catch_warnings():
@@ -142,7 +144,7 @@ class Int8Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._native is not None:
-            y = native.linear(self._native[1], x)
+            y = native.linear(self._native[2], self._native[1], x)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self._packed is not None:
             y = _int8(x.float(), self._packed, self._rowsum, self.reduce_range)
@@ -449,6 +451,8 @@ class StepModel:
     ``forward`` returns the final-norm hidden states; the caller picks which rows of the LM
     head to multiply them with (:meth:`head_rows` is a view of ``lm_head.weight``, no copy).
 
+    int8 models whose projections use the native kernel (the CPU default) decode through
+    :class:`~voxlane.server.engine.native.NativeStep`: the whole step in one C call.
     ``scripted`` (default True): :meth:`decode_batch` runs all layers of fused float, fbgemm
     int8 or int4 models as one TorchScript function (``scripted.py``: same ops, same results,
     one GIL release per step instead of ~500); False keeps the Python path.

@@ -238,11 +238,8 @@ def linear_struct(packed: Tensor, scale: Tensor, rowsum: Tensor) -> _Linear:
     return _Linear(packed.data_ptr(), scale.data_ptr(), rowsum.data_ptr(), blocks * 16, k4 * 4)
 
 
-def linear(desc: _Linear, x: Tensor) -> Tensor:
+def linear(lib: ctypes.CDLL, desc: _Linear, x: Tensor) -> Tensor:
     """``x [..., K] -> [..., N]`` through the native int8 product (float32 out, CPU)."""
-    lib = library()
-    if lib is None:
-        raise EngineError("the native library is not available")
     rows = x.reshape(-1, desc.k).float().contiguous()
     out = torch.empty(rows.shape[0], desc.n)
     if rows.shape[0]:
@@ -316,6 +313,7 @@ class NativeStep:
         self.lib = lib
         cfg = model.config
         self._keep: list[Tensor] = []
+        self._keep_heads: list[Int8Linear] = []  # the head maps heads_struct describes
 
         def lin(w: Int8Linear) -> _Linear:
             return w.native_struct()
