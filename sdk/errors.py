@@ -25,6 +25,7 @@ Exception tree::
           ├── OutOfRangeError         out_of_range       a parameter is outside its bounds
           ├── UnknownTurnError        unknown_turn       a turn id that is not open on this session
           ├── DuplicateTurnError      duplicate_turn     a turn id already used on this session
+          ├── DuplicateVoiceError     duplicate_voice    a clone name that is already a voice
           ├── TooManyTurnsError       too_many_turns     over the cap of open turns
           ├── TurnClosedError         turn_closed        a turn already ended or cancelled
           └── UnknownVoiceError       unknown_voice      a voice id the server does not have
@@ -39,6 +40,7 @@ __all__ = [
     "ConnectionClosedError",
     "ContextOverflowError",
     "DuplicateTurnError",
+    "DuplicateVoiceError",
     "EngineError",
     "InvalidTokenError",
     "LLMError",
@@ -188,6 +190,13 @@ class DuplicateTurnError(ProtocolError):
     """The turn id was already used on this session (turn ids are never reused)."""
 
     code = "duplicate_turn"
+
+
+class DuplicateVoiceError(ProtocolError, ValueError):
+    """A ``voice.clone`` name is already a voice of the session: built in, cloned, or being
+    cloned (names never shadow a voice and are not reused)."""
+
+    code = "duplicate_voice"
 
 
 class TooManyTurnsError(ProtocolError):

@@ -20,6 +20,7 @@ travels back in an ``error`` message.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -38,6 +39,8 @@ __all__ = [
     "AUDIO_HEADER_SIZE",
     "BUILTIN_VOICES",
     "EMOTION_TAGS",
+    "MAX_JSON_DEPTH",
+    "MIN_CLONE_SECONDS",
     "PROTOCOL_VERSION",
     "AgentInfo",
     "AgentMessage",
@@ -71,9 +74,12 @@ __all__ = [
     "VoiceClone",
     "VoiceCloned",
     "bytes_per_sample",
+    "decode_message",
     "dump_message",
+    "is_identifier",
     "parse_client_message",
     "parse_server_message",
+    "validate_client_message",
 ]
 
 PROTOCOL_VERSION = 1
@@ -105,8 +111,20 @@ RepetitionPenalty = Annotated[float, Field(ge=1.0, le=2.0)]
 MaxFrames = Annotated[int, Field(ge=1, le=2048, description="Frames of 2,048 samples at 24 kHz.")]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 ContextWindow = Annotated[int, Field(ge=0, le=8)]
-Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+_IDENTIFIER = r"^[A-Za-z0-9_.:\-]{1,64}$"
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=_IDENTIFIER)]
 VoiceId = Identifier
+
+#: Shortest reference audio ``voice.clone`` accepts (a voice cannot be heard in less).
+MIN_CLONE_SECONDS = 1.0
+
+#: Deepest nesting of arrays and objects a message may have (v1 messages need 2).
+MAX_JSON_DEPTH = 32
+
+
+def is_identifier(value: object) -> bool:
+    """True if ``value`` is a valid identifier (turn id, request id, voice id, clone name)."""
+    return isinstance(value, str) and re.fullmatch(_IDENTIFIER, value) is not None
 
 
 def bytes_per_sample(sample_format: SampleFormat) -> int:
@@ -548,19 +566,61 @@ def _describe(err: Any) -> str:
     return f"{loc}: {err['msg']}" if loc else err["msg"]
 
 
-def _parse(adapter: TypeAdapter[Any], data: str | bytes, max_bytes: int | None) -> Any:
-    size = len(data.encode() if isinstance(data, str) else data)
+# A UTF-16 surrogate code point on its own: JSON's "\\ud800" escape without its pair decodes to
+# one. It is not text (it cannot be encoded as UTF-8), so no field may carry it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_values(obj: object) -> None:
+    # Iterative, so a deep structure costs no Python stack.
+    stack: list[tuple[object, int]] = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                raise BadMessageError(
+                    "message holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                    "without its pair): not valid text"
+                )
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise BadMessageError(
+                    f"message nests arrays or objects deeper than {MAX_JSON_DEPTH} levels"
+                )
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                stack.append((key, depth + 1))
+                stack.append((item, depth + 1))
+
+
+def decode_message(data: str | bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """The JSON object of one text message, before its fields are validated.
+
+    Raises :class:`MessageTooLargeError` (over ``max_bytes``) or :class:`BadMessageError`:
+    not JSON (or too deep for the decoder), not an object, no string ``type``.
+    """
+    size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
     if max_bytes is not None and size > max_bytes:
         raise MessageTooLargeError(f"message of {size} bytes exceeds the limit of {max_bytes}")
     try:
         obj = json.loads(data)
+    except RecursionError:
+        # The C decoder recurses once per level; how deep it gets depends on the stack.
+        raise BadMessageError(
+            f"message nests arrays or objects deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadMessageError(f"message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadMessageError("message must be a JSON object")
-    kind = obj.get("type")
-    if not isinstance(kind, str):
+    if not isinstance(obj.get("type"), str):
         raise BadMessageError("message has no string 'type' field")
+    return obj
+
+
+def _validate(adapter: TypeAdapter[Any], obj: dict[str, Any]) -> Any:
+    kind = obj["type"]
+    _check_values(obj)
     try:
         # Python-mode validation of the decoded object: the same strictness for every
         # field, and JSON numbers arrive as int or float exactly as written.
@@ -575,15 +635,26 @@ def _parse(adapter: TypeAdapter[Any], data: str | bytes, max_bytes: int | None) 
         raise BadMessageError(f"{kind}: {detail}") from None
 
 
+def validate_client_message(obj: dict[str, Any]) -> ClientMessage:
+    """Validate an object from :func:`decode_message` as a client message.
+
+    Raises :class:`BadMessageError` (also for nesting deeper than :data:`MAX_JSON_DEPTH`
+    and for strings that hold a lone surrogate), :class:`UnknownMessageError` or
+    :class:`OutOfRangeError`, as :func:`parse_client_message` does.
+    """
+    return _validate(_CLIENT_ADAPTER, obj)
+
+
 def parse_client_message(data: str | bytes, *, max_bytes: int | None = None) -> ClientMessage:
     """Parse one text message from a client.
 
     Raises :class:`MessageTooLargeError` (over ``max_bytes``), :class:`BadMessageError`
-    (not JSON, missing or mistyped fields, unknown fields), :class:`UnknownMessageError`
+    (not JSON, missing or mistyped fields, unknown fields, nested deeper than
+    :data:`MAX_JSON_DEPTH`, a string holding a lone UTF-16 surrogate), :class:`UnknownMessageError`
     (a ``type`` outside protocol v1) or :class:`OutOfRangeError` (a value outside its
     bounds).
     """
-    return _parse(_CLIENT_ADAPTER, data, max_bytes)
+    return validate_client_message(decode_message(data, max_bytes=max_bytes))
 
 
 def parse_server_message(data: str | bytes) -> ServerMessage:
@@ -591,7 +662,7 @@ def parse_server_message(data: str | bytes) -> ServerMessage:
 
     A client may skip :class:`UnknownMessageError`: newer servers can add message types.
     """
-    return _parse(_SERVER_ADAPTER, data, None)
+    return _validate(_SERVER_ADAPTER, decode_message(data))
 
 
 def dump_message(message: BaseModel) -> str:

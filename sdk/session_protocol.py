@@ -39,6 +39,7 @@ from voxlane.errors import (
     AudioFormatError,
     BadMessageError,
     DuplicateTurnError,
+    DuplicateVoiceError,
     MessageTooLargeError,
     ProtocolError,
     TooManyTurnsError,
@@ -50,6 +51,7 @@ from voxlane.errors import (
 )
 from voxlane.protocol import (
     BUILTIN_VOICES,
+    MIN_CLONE_SECONDS,
     AgentInfo,
     AgentMessage,
     AgentRespond,
@@ -80,9 +82,11 @@ from voxlane.protocol import (
     VoiceClone,
     VoiceCloned,
     bytes_per_sample,
+    decode_message,
     dump_message,
-    parse_client_message,
+    is_identifier,
     parse_server_message,
+    validate_client_message,
 )
 
 __all__ = [
@@ -120,10 +124,12 @@ class ConfigureSession:
 
 @dataclass(frozen=True, slots=True)
 class CloneVoice:
-    """Clone a voice from reference audio; answer with ``voice_cloned`` or ``send_error``.
+    """Clone a voice from reference audio; answer with ``voice_cloned`` or ``clone_failed``.
 
-    The size is checked; the I/O layer decodes ``audio`` and checks its duration
-    against ``Limits.max_clone_seconds`` (raise :class:`AudioFormatError`).
+    The size, the name and (for ``pcm_s16le``) whole samples are checked; the I/O layer
+    decodes ``audio`` and checks its content and duration against
+    ``Limits.max_clone_seconds`` (raise :class:`AudioFormatError`). ``name`` stays
+    reserved on the session until one of the two answers.
     """
 
     request_id: str | None
@@ -334,6 +340,12 @@ class ServerSession:
         self._used_ids: set[str] = set()
         self._numbers = itertools.count(1)
         self._clone: VoiceClone | None = None  # waiting for its binary audio
+        # The next message answers a refused voice.clone: if binary, it is that clone's audio,
+        # already answered by the refusal, and is dropped without a second error.
+        self._refused_clone = False
+        self._builtin_voices = set(BUILTIN_VOICES) | (self.voices or set())
+        self._cloned: set[str] = set()  # voice ids cloned on this session
+        self._clone_names: set[str] = set()  # names of clones in progress
         self._out: list[str | bytes] = []
         self.agent = agent
         self.history: list[dict[str, str]] = []
@@ -390,8 +402,10 @@ class ServerSession:
         if self.closed:
             return []
         commands: list[Command] = []
+        self._refused_clone = False  # a refused clone's client sent no audio after all
         if self._clone is not None:
             clone, self._clone = self._clone, None
+            self._clone_names.discard(clone.name or "")
             commands += self._client_error(
                 BadMessageError("voice.clone must be followed by a binary message"),
                 request_id=clone.request_id,
@@ -399,19 +413,21 @@ class ServerSession:
             if self.closed:
                 return commands
         try:
-            message = parse_client_message(data, max_bytes=self.limits.max_message_bytes)
+            obj = decode_message(data, max_bytes=self.limits.max_message_bytes)
         except MessageTooLargeError as exc:
             return commands + self._fatal(exc, CloseCode.MESSAGE_TOO_BIG)
         except ProtocolError as exc:
             return commands + self._client_error(exc)
+        # Errors about a turn or a clone name it, as far as the message says which one.
+        turn_id = obj.get("turn_id") if is_identifier(obj.get("turn_id")) else None
+        request_id = obj.get("request_id") if is_identifier(obj.get("request_id")) else None
         try:
-            commands += self._dispatch(message)
+            commands += self._dispatch(validate_client_message(obj))
         except (ProtocolError, AudioFormatError) as exc:
-            commands += self._client_error(
-                exc,
-                turn_id=getattr(message, "turn_id", None),
-                request_id=getattr(message, "request_id", None),
-            )
+            # Its client sends the audio right behind the announcement, before it can read
+            # the refusal: that binary message is part of the refused request.
+            self._refused_clone = obj["type"] == "voice.clone"
+            commands += self._client_error(exc, turn_id=turn_id, request_id=request_id)
         return commands
 
     def receive_bytes(self, data: bytes) -> list[Command]:
@@ -419,6 +435,9 @@ class ServerSession:
         if self.closed:
             return []
         clone, self._clone = self._clone, None
+        if self._refused_clone:
+            self._refused_clone = False
+            return []  # the audio of a refused voice.clone: answered already
         if clone is None:
             if len(data) > self.limits.max_message_bytes:
                 return self._fatal(
@@ -427,6 +446,7 @@ class ServerSession:
                 )
             return self._client_error(BadMessageError("unexpected binary message"))
         if len(data) != clone.audio_bytes:
+            self._clone_names.discard(clone.name or "")
             return self._client_error(
                 AudioFormatError(
                     f"voice.clone announced {clone.audio_bytes} bytes, received {len(data)}"
@@ -483,6 +503,16 @@ class ServerSession:
 
     def _announce_clone(self, message: VoiceClone) -> list[Command]:
         limits = self.limits
+        name = message.name
+        if name is not None and name in self._builtin_voices:
+            raise DuplicateVoiceError(
+                f"voice.clone: name {name!r} is a built-in voice; pick another name"
+            )
+        if name is not None and (name in self._cloned or name in self._clone_names):
+            raise DuplicateVoiceError(
+                f"voice.clone: name {name!r} is already a cloned voice of this session; "
+                "clone names are not reused, pick another name"
+            )
         if message.audio_bytes > limits.max_clone_bytes:
             raise AudioFormatError(
                 f"reference audio of {message.audio_bytes} bytes exceeds "
@@ -491,21 +521,44 @@ class ServerSession:
         if message.audio_format == "pcm_s16le":
             if message.sample_rate is None:
                 raise BadMessageError("voice.clone with pcm_s16le audio needs sample_rate")
+            if message.audio_bytes % 2:
+                raise AudioFormatError(
+                    f"pcm_s16le audio of {message.audio_bytes} bytes is not whole 2-byte samples"
+                )
             seconds = message.audio_bytes / 2 / message.sample_rate
+            if seconds < MIN_CLONE_SECONDS:
+                raise AudioFormatError(
+                    f"reference audio of {seconds * 1000:.0f} ms is too short; at least "
+                    f"{MIN_CLONE_SECONDS:g} s is needed to clone a voice"
+                )
             if seconds > limits.max_clone_seconds:
                 raise AudioFormatError(
                     f"reference audio of {seconds:.1f} s exceeds {limits.max_clone_seconds} s"
                 )
+        if name is not None:
+            self._clone_names.add(name)
         self._clone = message
         return []
 
-    def voice_cloned(self, request_id: str | None, voice_id: str, duration_s: float) -> None:
-        """Report a finished clone: ``voice_id`` becomes usable on this session."""
+    def voice_cloned(
+        self, request_id: str | None, voice_id: str, duration_s: float, *, name: str | None = None
+    ) -> None:
+        """Report a finished clone: ``voice_id`` becomes usable on this session.
+
+        ``name`` is the ``CloneVoice.name`` of the request (its reservation ends).
+        """
+        self._clone_names.discard(name or "")
         if self.closed:
             return
+        self._cloned.add(voice_id)
         if self.voices is not None:
             self.voices.add(voice_id)
         self._send(VoiceCloned(request_id=request_id, voice_id=voice_id, duration_s=duration_s))
+
+    def clone_failed(self, command: CloneVoice, error: VoxlaneError) -> None:
+        """Report a failed clone: sends ``error`` with its request id; its name is free again."""
+        self._clone_names.discard(command.name or "")
+        self.send_error(error, request_id=command.request_id)
 
     # -------------------------------------------------------------- turn handlers
 

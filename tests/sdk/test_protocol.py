@@ -12,6 +12,7 @@ import struct
 import pytest
 
 from voxlane.errors import (
+    AudioFormatError,
     BadMessageError,
     EngineError,
     MessageTooLargeError,
@@ -624,3 +625,182 @@ def test_protocol_modules_import_without_numpy_or_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------- hostile input (issue 22)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _start_with_text(raw_json: str) -> str:
+    return '{"type":"turn.start","text":' + raw_json + "}"
+
+
+@pytest.mark.parametrize("depth", [33, 800, 1000, 100_000])
+@pytest.mark.parametrize("where", ["message", "field"])
+def test_deeply_nested_json_is_a_bad_message_not_a_crash(depth: int, where: str) -> None:
+    session = new_session()
+    data = _nested(depth) if where == "message" else _start_with_text(_nested(depth))
+    assert session.receive_text(data) == []
+    (error,) = drain(session)
+    assert (error["code"], error["fatal"]) == ("bad_message", False)  # type: ignore[index]
+    if where == "field":
+        assert "deeper than 32" in error["message"]  # type: ignore[index]
+    assert session.receive_text(msg("turn.start", turn_id="t"))[0] == StartTurn(
+        "t", 1, session.config
+    )
+
+
+def test_nesting_within_the_bound_is_judged_by_its_fields() -> None:
+    session = new_session()
+    session.receive_text(_start_with_text(_nested(31)))
+    (error,) = drain(session)
+    assert error["code"] == "bad_message" and "text" in error["message"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        r'{"type":"turn.start","turn_id":"a","text":"hi \ud800 there"}',
+        r'{"type":"turn.start","turn_id":"a","text":"\udc00"}',
+        r'{"type":"turn.start","turn_id":"a","text":"end \ud83d"}',
+        r'{"type":"turn.start","turn_id":"a","text":"x","\ud800":1}',
+        '{"type":"turn.start","turn_id":"a","text":"raw \ud800"}',  # a str that holds one
+    ],
+)
+def test_lone_surrogates_are_refused_at_the_door(data: str) -> None:
+    session = new_session()
+    assert session.receive_text(data) == []
+    (error,) = drain(session)
+    assert (error["code"], error["fatal"]) == ("bad_message", False)  # type: ignore[index]
+    assert "surrogate" in error["message"]  # type: ignore[index]
+    assert session.open_turns == []
+
+
+def test_lone_surrogates_are_refused_in_appended_text_too() -> None:
+    session = new_session()
+    session.receive_text(msg("turn.start", turn_id="a"))
+    drain(session)
+    assert session.receive_text(r'{"type":"turn.append","turn_id":"a","text":"\ud800"}') == []
+    (error,) = drain(session)
+    assert (error["code"], error["turn_id"]) == ("bad_message", "a")  # type: ignore[index]
+    assert session.turn("a").chars == 0
+
+
+def test_a_surrogate_pair_is_text() -> None:
+    session = new_session()
+    commands = session.receive_text(r'{"type":"turn.start","turn_id":"a","text":"hi \ud83d\ude00"}')
+    assert AppendText("a", "hi \U0001f600", 0) in commands
+
+
+REFUSED_CLONES = [
+    pytest.param(clone_msg(audio_bytes=600_000), "bad_audio", id="too-large"),
+    pytest.param(
+        clone_msg(audio_format="pcm_s16le", sample_rate=8000, audio_bytes=8000 * 2 * 31),
+        "bad_audio",
+        id="too-long",
+    ),
+    pytest.param(
+        clone_msg(audio_format="pcm_s16le", sample_rate=8000, audio_bytes=300_001),
+        "bad_audio",
+        id="odd-pcm",
+    ),
+    pytest.param(
+        clone_msg(audio_format="pcm_s16le", sample_rate=16000, audio_bytes=2),
+        "bad_audio",
+        id="one-sample-pcm",
+    ),
+    pytest.param(clone_msg(audio_format="pcm_s16le"), "bad_message", id="no-rate"),
+    pytest.param(clone_msg(name="tara"), "duplicate_voice", id="builtin-name"),
+    pytest.param(clone_msg(sample_rate=4000), "out_of_range", id="bad-field"),
+    pytest.param(clone_msg(transcript="x" * 2001), "out_of_range", id="long-transcript"),
+    pytest.param(clone_msg(colour="red"), "bad_message", id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize(("announce", "code"), REFUSED_CLONES)
+def test_a_refused_clone_is_one_error_and_its_audio_is_dropped(announce: str, code: str) -> None:
+    session = new_session(max_message_bytes=4096, max_clone_bytes=500_000)
+    assert session.receive_text(announce) == []
+    (error,) = drain(session)
+    assert (error["code"], error["request_id"], error["fatal"]) == (code, "r1", False)  # type: ignore[index]
+    # The client sent its audio before it could read the refusal: larger than
+    # max_message_bytes, yet part of the refused request, not a stray message.
+    assert session.receive_bytes(b"\x00" * 300_001) == []
+    assert drain(session) == [] and not session.closed and session.errors == 1
+    # The next binary message is stray again.
+    session.receive_bytes(b"\x00\x01")
+    assert errors_of(drain(session))[0]["code"] == "bad_message"
+
+
+def test_a_refused_clone_followed_by_text_handles_the_text() -> None:
+    session = new_session(max_clone_bytes=100)
+    session.receive_text(clone_msg(audio_bytes=101))
+    commands = session.receive_text(msg("turn.start", turn_id="a"))
+    assert isinstance(commands[0], StartTurn)
+    assert [e["code"] for e in errors_of(drain(session))] == ["bad_audio"]
+    session.receive_bytes(b"RIFF")  # stray now
+    assert [e["code"] for e in errors_of(drain(session))] == ["bad_message"]
+
+
+def test_clone_names_never_shadow_or_reuse_a_voice() -> None:
+    session = new_session()
+    for builtin in ("tara", "leo", "zoe"):
+        session.receive_text(clone_msg(name=builtin))
+        (error,) = errors_of(drain(session))
+        assert error["code"] == "duplicate_voice" and "built-in" in error["message"]
+        assert session.receive_bytes(b"RIFF") == []  # dropped with its announcement
+    session.receive_text(clone_msg(name="me"))
+    assert isinstance(session.receive_bytes(b"RIFF")[0], CloneVoice)
+    # While "me" is being cloned its name is taken ...
+    session.receive_text(clone_msg(request_id="r2", name="me"))
+    (error,) = errors_of(drain(session))
+    assert (error["code"], error["request_id"]) == ("duplicate_voice", "r2")
+    session.receive_bytes(b"RIFF")
+    session.voice_cloned("r1", "me", 2.0, name="me")
+    drain(session)
+    # ... and once cloned it stays taken.
+    session.receive_text(clone_msg(request_id="r3", name="me"))
+    (error,) = errors_of(drain(session))
+    assert error["code"] == "duplicate_voice" and "already a cloned voice" in error["message"]
+    session.receive_bytes(b"RIFF")
+    assert session.errors == 5
+    assert error_class_for_code("duplicate_voice").__name__ == "DuplicateVoiceError"
+
+
+def test_a_failed_clone_frees_its_name() -> None:
+    session = new_session()
+    session.receive_text(clone_msg(name="me"))
+    (command,) = session.receive_bytes(b"RIFF")
+    assert isinstance(command, CloneVoice)
+    session.clone_failed(command, AudioFormatError("reference audio is silent"))
+    (error,) = errors_of(drain(session))
+    assert (error["code"], error["request_id"]) == ("bad_audio", "r1")
+    session.receive_text(clone_msg(request_id="r2", name="me"))
+    assert session.receive_bytes(b"RIFF")[0].name == "me"  # type: ignore[union-attr]
+    # A clone aborted by a wrong length frees its name too.
+    session.receive_text(clone_msg(request_id="r3", name="you"))
+    session.receive_bytes(b"RIFFF")
+    session.receive_text(clone_msg(request_id="r4", name="you"))
+    assert session.receive_bytes(b"RIFF")[0].name == "you"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("data", "turn_id", "request_id"),
+    [
+        (msg("turn.append", turn_id="a", text=5), "a", None),
+        (msg("turn.start", turn_id="b", text="x", end="yes"), "b", None),
+        (clone_msg(request_id="r5", transcript=""), None, "r5"),
+        (clone_msg(request_id="r6", audio_bytes="10"), None, "r6"),
+        (clone_msg(request_id="bad id!", transcript=""), None, None),  # not an identifier
+    ],
+)
+def test_errors_name_the_turn_or_request_of_a_malformed_message(
+    data: str, turn_id: str | None, request_id: str | None
+) -> None:
+    session = new_session()
+    session.receive_text(data)
+    (error,) = errors_of(drain(session))
+    assert (error["turn_id"], error["request_id"]) == (turn_id, request_id)
