@@ -9,14 +9,14 @@ asyncio event loop (it takes seconds).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from voxlane.errors import ModelFormatError
 from voxlane.server.hub import resolve_model_dir
 from voxlane.server.orpheus import END_OF_TEXT, START_OF_TEXT, VOCAB_SIZE
-from voxlane.server.tokenizer import load_orpheus_tokenizer
+from voxlane.server.tokenizer import TextEncoder, load_orpheus_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -38,13 +38,18 @@ class SpeechLM:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     path: Path
+    _text: TextEncoder = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_text", TextEncoder(self.tokenizer))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, starting with BOS (128000) as Orpheus prompts expect."""
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if not ids or ids[0] != START_OF_TEXT:
-            ids.insert(0, START_OF_TEXT)
-        return ids
+        """Token ids of ``text``, starting with BOS (128000) as Orpheus prompts expect.
+
+        Text is only ever text: spellings of special or added tokens (``<|eot_id|>``,
+        ``<custom_token_4>``) become the ids of their characters, never control or audio ids.
+        """
+        return self._text(text)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

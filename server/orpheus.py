@@ -85,7 +85,8 @@ CODEBOOK_OF_POSITION: tuple[int, ...] = (0, 1, 2, 2, 1, 2, 2)
 
 Frame = tuple[int, int, int, int, int, int, int]
 TextEncoder = Callable[[str], list[int]]
-"""Text -> token ids, *including* the leading BOS (as the Orpheus tokenizer does)."""
+"""Text -> token ids, *including* the leading BOS (as the Orpheus tokenizer does); every
+other id must be a text id (below :data:`START_OF_TEXT`), which the prompt builders check."""
 
 
 def _as_int(value: object) -> int | None:
@@ -236,6 +237,14 @@ def _encode_text(encode: TextEncoder, text: str) -> list[int]:
     if not ids or ids[0] != START_OF_TEXT:
         # The Orpheus tokenizer adds BOS; a prompt without it is off-distribution.
         ids.insert(0, START_OF_TEXT)
+    # Text must stay text: an encoder that matched "<custom_token_4>" or "<|eot_id|>" inside
+    # it would end the human turn mid-prompt or inject audio. Refuse rather than speak that.
+    if any(i >= START_OF_TEXT for i in ids[1:]):
+        bad = next(i for i in ids[1:] if i >= START_OF_TEXT)
+        raise InvalidTokenError(
+            f"text encoded to control/audio id {bad}: prompts need an encoder that keeps "
+            "text as text (voxlane.server.tokenizer.TextEncoder)"
+        )
     return ids
 
 

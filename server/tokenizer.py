@@ -11,6 +11,11 @@ the 28,940 added-token records it parses out of the JSON files in Python.
 :func:`load_orpheus_tokenizer` hands ``tokenizer.json`` straight to the Rust
 ``tokenizers`` backend instead (same vocabulary, merges, added tokens and
 post-processor, so the same ids) and is 4-5x faster.
+
+Encoding user text: the full tokenizer matches its 28,940 added tokens *inside* text, so
+the string ``<custom_token_4>`` would become id 128260 (end of the human turn) and
+``<|eot_id|>`` id 128009. :class:`TextEncoder` encodes with the BPE model alone: any
+text, whatever it spells, becomes Llama-3 text ids (below 128,000), as plain characters.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
     "BOS_TOKEN",
@@ -31,6 +36,8 @@ __all__ = [
     "LLAMA3_SPECIAL_TOKENS",
     "NUM_CUSTOM_TOKENS",
     "PAD_TOKEN",
+    "TEXT_VOCAB_SIZE",
+    "TextEncoder",
     "build_orpheus_tokenizer",
     "custom_token",
     "llama3_bpe_file",
@@ -42,6 +49,9 @@ EOT_TOKEN = "<|eot_id|>"  # id 128009, the eos of the Orpheus config
 PAD_TOKEN = "<|finetune_right_pad_id|>"  # id 128004, the pad of the Orpheus config
 
 _LLAMA3_BASE_VOCAB = 128_000
+TEXT_VOCAB_SIZE = _LLAMA3_BASE_VOCAB
+"""Ids below this are text (the BPE vocabulary); every id from it up is a control or audio
+token: the 256 Llama-3 specials, then Orpheus' custom tokens."""
 _LLAMA3_NUM_SPECIAL = 256
 _FIRST_CUSTOM_ID = _LLAMA3_BASE_VOCAB + _LLAMA3_NUM_SPECIAL  # 128256
 NUM_CUSTOM_TOKENS = 28_684  # 128256 + 28684 = 156,940 = orpheus.VOCAB_SIZE
@@ -184,3 +194,40 @@ def load_orpheus_tokenizer(model_dir: str | os.PathLike[str]) -> PreTrainedToken
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), **kwargs)
     tokenizer.name_or_path = str(path)
     return tokenizer
+
+
+class TextEncoder:
+    """Text -> token ids for prompts, starting with ``<|begin_of_text|>``; user text can
+    never produce a control or audio id.
+
+    ``tokenizer`` is the loaded Orpheus tokenizer (a fast one). Only its BPE model and
+    pre-tokenizer are used (shared, not copied): no added-token matching and no
+    post-processor, so ``"<|eot_id|>"`` or ``"<custom_token_4>"`` in text is encoded as
+    the characters it is made of. Every id but the leading BOS is below
+    :data:`TEXT_VOCAB_SIZE`. Thread-safe (the Rust tokenizer is).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        from tokenizers import Tokenizer
+
+        from voxlane.errors import ModelFormatError
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ModelFormatError("the Orpheus tokenizer must be a fast (tokenizers) one")
+        plain = Tokenizer(backend.model)
+        plain.pre_tokenizer = backend.pre_tokenizer
+        if backend.normalizer is not None:
+            plain.normalizer = backend.normalizer
+        if plain.get_vocab_size() > TEXT_VOCAB_SIZE:
+            # The model's own vocabulary holds non-text ids: the guarantee would not hold.
+            raise ModelFormatError(
+                f"the tokenizer's BPE vocabulary has {plain.get_vocab_size()} ids, "
+                f"more than Llama-3's {TEXT_VOCAB_SIZE} text ids"
+            )
+        self._plain = plain
+        self.bos_id = int(backend.token_to_id(BOS_TOKEN))
+
+    def __call__(self, text: str) -> list[int]:
+        """``[BOS, *text ids]``."""
+        return [self.bos_id, *self._plain.encode(text, add_special_tokens=False).ids]

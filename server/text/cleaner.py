@@ -10,8 +10,9 @@ What it does:
 * code blocks (```` ``` ```` / ``~~~`` fences) and inline code are dropped;
 * ``**bold**``, ``_em_``, ``~~strike~~``, headers, block quotes, list markers,
   horizontal rules and table rules lose their markup and keep their words;
-* ``[text](url)`` keeps ``text``; images and HTML tags are dropped; ``<https://...>``
-  keeps the URL;
+* ``[text](url)`` keeps ``text``; images and HTML tags are dropped, and so are spellings
+  of the speech LM's special tokens (``<|eot_id|>``, ``<custom_token_4>``);
+  ``<https://...>`` keeps the URL;
 * Orpheus emotion tags (``<laugh>``, ``<sigh>`` ...) are kept verbatim;
 * emoji are dropped;
 * whitespace collapses to one space, line breaks to one ``"\\n"``; a line that ends
@@ -32,8 +33,14 @@ _AUTOLINK = re.compile(r"<(https?://[^>\s]{1,500})>")
 _AUTOLINK_PREFIX = re.compile(r"<(?:https?://[^>\s]{0,500}|h|ht|htt|https?|https?:|https?:/)\Z")
 # Every *_PREFIX pattern matches exactly the texts that a longer text could complete to
 # a match of its full pattern: same limits, so decisions do not depend on delta splits.
-_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]{0,20}(?:[ \t/][^<>\n]{0,100})?>")
-_ANGLE_PREFIX = re.compile(r"</?(?:[A-Za-z][A-Za-z0-9-]{0,20}(?:[ \t/][^<>\n]{0,100})?)?\Z")
+# Tags, and the spellings of the speech LM's special tokens (``<|eot_id|>``,
+# ``<custom_token_4>``): markup, not words (the encoder keeps them text ids anyway).
+_HTML_TAG = re.compile(
+    r"</?[A-Za-z][A-Za-z0-9_-]{0,20}(?:[ \t/][^<>\n]{0,100})?>|<\|[A-Za-z0-9_]{1,40}\|>"
+)
+_ANGLE_PREFIX = re.compile(
+    r"</?(?:[A-Za-z][A-Za-z0-9_-]{0,20}(?:[ \t/][^<>\n]{0,100})?)?\Z|<\|[A-Za-z0-9_]{0,40}\|?\Z"
+)
 _LINK = re.compile(r"\[([^\[\]\n]{0,300})\]\(([^()\s]{0,500})\)")
 _LINK_PREFIX = re.compile(r"\[[^\[\]\n]{0,300}(?:\](?:\([^()\s]{0,500})?)?\Z")
 _IMAGE = re.compile(r"!\[[^\[\]\n]{0,300}\]\([^()\s]{0,500}\)")
