@@ -43,6 +43,7 @@ from voxlane.protocol import (
 from voxlane.server.agent import AgentResponse, LLMClient, LLMConfig
 from voxlane.server.metrics import ServerMetrics
 from voxlane.server.pipeline import AudioChunk, SegmentMark, TurnPipeline
+from voxlane.server.text.cleaner import clean_text
 from voxlane.server.text.segmenter import Segmenter
 from voxlane.session_protocol import (
     AppendText,
@@ -272,27 +273,29 @@ class SpeechService:
         them; the engine caches prefixes by content, so the same reference cloned again (after
         a reconnect, say) reuses the prefilled prefix instead of computing it again.
         """
+        # The transcript is text of the prompt like a turn's: markup and emoji are not words
+        # of the recording.
+        transcript = clean_text(command.transcript)
+        if not transcript:
+            raise OutOfRangeError("voice.clone: the transcript holds no speakable text")
         loop = asyncio.get_running_loop()
         frames, duration = await loop.run_in_executor(
             self.codec_executor, self._encode_reference, command, max_seconds
         )
         if not frames:
             raise AudioFormatError("reference audio is too short to hold one frame (85 ms)")
-        voice = await self.engine.clone_voice(command.transcript, frames)
-        digest = hashlib.sha256(repr((command.transcript, frames)).encode()).hexdigest()[:12]
+        voice = await self.engine.clone_voice(transcript, frames)
+        digest = hashlib.sha256(repr((transcript, frames)).encode()).hexdigest()[:12]
         return command.name or f"clone-{digest}", voice, duration
 
     def _encode_reference(self, command: CloneVoice, max_seconds: float) -> tuple[list, float]:
+        from voxlane.server.codec import read_reference
         from voxlane.server.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 
-        if command.audio_format == "pcm_s16le":
-            pcm = np.frombuffer(command.audio, dtype="<i2").astype(np.float32) / 32768.0
-            rate = int(command.sample_rate or SAMPLE_RATE)
-            if pcm.size / rate > max_seconds:
-                raise AudioFormatError(f"reference audio is longer than {max_seconds:g} s")
-            frames = self.codec.encode_array(pcm, rate)
-        else:
-            frames = self.codec.encode_file(command.audio, max_seconds=max_seconds)
+        samples, rate = read_reference(
+            command.audio, command.audio_format, command.sample_rate, max_seconds=max_seconds
+        )
+        frames = self.codec.encode_array(samples, rate, max_seconds=max_seconds)
         return frames, len(frames) * SAMPLES_PER_FRAME / SAMPLE_RATE
 
     async def aclose(self) -> None:
@@ -472,17 +475,17 @@ class _Connection:
             )
         except VoxlaneError as exc:
             self.server.metrics.errors.labels(exc.code).inc()
-            self.session.send_error(exc, request_id=command.request_id)
+            self.session.clone_failed(command, exc)
         except Exception as exc:
             log.exception("voice clone failed")
             error = EngineError(f"voice clone failed: {exc}")
             self.server.metrics.errors.labels(error.code).inc()
             # The request id lets the client fail the clone it is waiting for (without it an
             # error naming nothing is taken as the answer to a pending session.configure).
-            self.session.send_error(error, request_id=command.request_id)
+            self.session.clone_failed(command, error)
         else:
             self.voices[voice_id] = voice
-            self.session.voice_cloned(command.request_id, voice_id, duration)
+            self.session.voice_cloned(command.request_id, voice_id, duration, name=command.name)
         await self.flush()
 
     def _start_turn(self, command: StartTurn) -> None:

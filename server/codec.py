@@ -49,6 +49,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from voxlane.errors import AudioFormatError, ModelNotFoundError, OutOfRangeError
+from voxlane.protocol import MIN_CLONE_SECONDS
 from voxlane.server.hub import resolve_model_dir
 from voxlane.server.orpheus import (
     FRAME_SIZE,
@@ -65,17 +66,22 @@ __all__ = [
     "LOW_LATENCY_STREAMING",
     "MAX_REFERENCE_BYTES",
     "MAX_REFERENCE_SECONDS",
+    "SILENCE_DBFS",
     "PcmChunker",
     "SnacCodec",
     "StreamingDecoder",
+    "check_reference",
     "load_snac",
     "read_audio",
+    "read_reference",
 ]
 
 #: Default longest reference clip :meth:`SnacCodec.encode_file` accepts.
 MAX_REFERENCE_SECONDS = 30.0
 #: Default largest reference file (encoded bytes) :meth:`SnacCodec.encode_file` accepts.
 MAX_REFERENCE_BYTES = 20 * 1024 * 1024
+#: Reference audio whose level (RMS over the whole clip) is below this is silence.
+SILENCE_DBFS = -60.0
 
 #: Default streaming setting: first audio after 3 frames (21 tokens), then 8 frames per
 #: decode call with 2 frames of context on each side (~85 dB vs a full decode, 0.25-0.37x
@@ -549,3 +555,94 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     if not parts:
         return np.zeros(0, dtype=np.float32)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_reference(
+    data: bytes,
+    audio_format: str,
+    sample_rate: int | None = None,
+    *,
+    max_seconds: float | None = MAX_REFERENCE_SECONDS,
+) -> tuple[np.ndarray, int]:
+    """Decode and check the reference audio of a clone: ``([n, channels] float32, rate)``.
+
+    ``audio_format`` is ``"wav"`` (any file libsndfile reads; a WAV whose data chunk holds
+    fewer bytes than its header declares is refused as truncated) or ``"pcm_s16le"`` (raw
+    mono samples at ``sample_rate``). The audio must pass :func:`check_reference`. Every
+    failure is an :class:`~voxlane.errors.AudioFormatError` that says what is wrong.
+    """
+    if audio_format == "pcm_s16le":
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise AudioFormatError(f"pcm_s16le audio needs a sample rate, got {sample_rate!r}")
+        if len(data) % 2:
+            raise AudioFormatError(
+                f"pcm_s16le audio of {len(data)} bytes is not whole 2-byte samples"
+            )
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32).reshape(-1, 1) / 32768.0
+        rate = sample_rate
+        if max_seconds is not None and samples.shape[0] > max_seconds * rate:
+            raise AudioFormatError(
+                f"reference audio is {samples.shape[0] / rate:.1f} s long; "
+                f"the limit is {max_seconds:g} s"
+            )
+    elif audio_format == "wav":
+        missing = _wav_data_shortfall(data)
+        if missing is not None:
+            declared, present = missing
+            raise AudioFormatError(
+                f"WAV is truncated: its header declares {declared} bytes of samples, "
+                f"the file holds {present}"
+            )
+        samples, rate = read_audio(data, max_seconds=max_seconds, max_bytes=None)
+    else:
+        raise AudioFormatError(f"unknown reference audio format {audio_format!r}")
+    check_reference(samples, rate)
+    return samples, rate
+
+
+def check_reference(
+    samples: np.ndarray, sample_rate: int, *, min_seconds: float = MIN_CLONE_SECONDS
+) -> None:
+    """Refuse reference audio a voice cannot be taken from (:class:`AudioFormatError`):
+    shorter than ``min_seconds`` or silent (RMS below :data:`SILENCE_DBFS`).
+
+    ``samples`` is ``[n]`` or ``[n, channels]``, float in [-1, 1].
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    seconds = x.shape[0] / sample_rate
+    if seconds < min_seconds:
+        raise AudioFormatError(
+            f"reference audio is {seconds * 1000:.0f} ms long; at least {min_seconds:g} s "
+            "of speech is needed to clone a voice"
+        )
+    mono = x.mean(axis=1) if x.ndim == 2 else x
+    rms = float(np.sqrt(np.mean(np.square(mono))))
+    if not np.isfinite(rms):
+        raise AudioFormatError("audio contains NaN or infinite samples")
+    level = 20 * np.log10(rms) if rms > 0 else -np.inf
+    if level < SILENCE_DBFS:
+        shown = "digital silence" if rms == 0 else f"{level:.0f} dBFS"
+        raise AudioFormatError(
+            f"reference audio is silent ({shown}, below {SILENCE_DBFS:g} dBFS): no voice to clone"
+        )
+
+
+def _wav_data_shortfall(data: bytes) -> tuple[int, int] | None:
+    """``(declared, present)`` bytes of a RIFF/WAVE file's data chunk if it is cut short.
+
+    libsndfile silently reads what is there; a clip cut mid-upload would clone a voice from
+    part of the words of its transcript. Sizes 0 and 0xFFFFFFFF mean "unknown" (streamed
+    WAVs, RF64) and are not checked; non-RIFF data is left to libsndfile.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk == b"data":
+            present = len(data) - pos - 8
+            if size in (0, 0xFFFFFFFF) or present >= size:
+                return None
+            return size, present
+        pos += 8 + size + (size & 1)  # chunks are padded to even sizes
+    return None

@@ -347,6 +347,151 @@ async def test_unexpected_clone_failure_names_the_request(
         assert (await client.speak("after", "Still alive.")).done.reason == "completed"
 
 
+def _pcm16(seconds: float, rate: int = 16000) -> bytes:
+    wav = sf.read(io.BytesIO(_wav(seconds, rate)), dtype="int16")[0]
+    return wav.astype("<i2").tobytes()
+
+
+async def _clone(client: Client, blob: bytes, request_id: str, **fields: Any) -> Any:
+    """Announce and upload a clone; the answer (voice.cloned or error)."""
+    fields = {"transcript": "A test voice.", **fields}
+    await client.send(type="voice.clone", request_id=request_id, audio_bytes=len(blob), **fields)
+    await client.ws.send(blob)
+    return await client.recv()
+
+
+async def test_clone_input_gets_bad_audio_that_says_what_is_wrong(
+    start_server: Any, connect: Any
+) -> None:
+    server = await start_server()
+    silence = io.BytesIO()
+    sf.write(silence, np.zeros(32000, np.float32), 16000, format="WAV", subtype="PCM_16")
+    truncated = _wav(2.0)[:30_000]
+    cases = [
+        ("truncated", truncated, {}, "WAV is truncated"),
+        ("one-sample", _wav(1 / 16000), {}, "at least 1 s"),
+        ("silence", silence.getvalue(), {}, "silent"),
+        (
+            "odd-pcm",
+            _pcm16(2.0) + b"\x00",
+            {"audio_format": "pcm_s16le", "sample_rate": 16000},
+            "whole 2-byte samples",
+        ),
+        (
+            "short-pcm",
+            _pcm16(0.5),
+            {"audio_format": "pcm_s16le", "sample_rate": 16000},
+            "too short",
+        ),
+    ]
+    async with connect(server) as client:
+        for request_id, blob, fields, message in cases:
+            error = await _clone(client, blob, request_id, **fields)
+            assert (error.type, error.code, error.request_id, error.fatal) == (
+                "error",
+                "bad_audio",
+                request_id,
+                False,
+            ), error
+            assert message in error.message
+        # Only the clone was refused: one error each, and the session goes on.
+        await configure(client, sampling=SHORT)
+        assert (await client.speak("after", "Still alive.")).done.reason == "completed"
+        pcm = await _clone(client, _pcm16(1.5), "pcm", audio_format="pcm_s16le", sample_rate=16000)
+        assert pcm.type == "voice.cloned" and pcm.voice_id.startswith("clone-")
+
+
+async def test_clone_names_never_shadow_a_voice(start_server: Any, connect: Any) -> None:
+    server = await start_server()
+    spy: list[str] = []
+    clone_voice = server.service.engine.clone_voice
+
+    async def spying(transcript: str, frames: Any) -> Any:
+        spy.append(transcript)
+        return await clone_voice(transcript, frames)
+
+    server.service.engine.clone_voice = spying
+    async with connect(server) as client:
+        error = await _clone(client, _wav(1.5), "r1", name="tara")
+        assert (error.code, error.request_id, error.fatal) == ("duplicate_voice", "r1", False)
+        transcript = "**Hello** <|eot_id|>there <custom_token_4>😀"
+        cloned = await _clone(client, _wav(1.5), "r2", name="me", transcript=transcript)
+        assert (cloned.type, cloned.voice_id) == ("voice.cloned", "me")
+        assert spy == ["Hello there"]  # the transcript is cleaned like turn text
+        error = await _clone(client, _wav(1.2), "r3", name="me")
+        assert (error.code, error.request_id) == ("duplicate_voice", "r3")
+        await configure(client, sampling=SHORT)
+        # tara is still the built-in voice, me the first clone.
+        tara = await client.speak("t", "Hi.", voice="tara")
+        me = await client.speak("m", "Hi.", voice="me")
+        assert tara.done.reason == me.done.reason == "completed"
+        assert (tara.events[0].voice, me.events[0].voice) == ("tara", "me")
+        assert len(spy) == 1
+
+
+async def test_a_refused_clone_costs_one_error_and_never_the_session(
+    start_server: Any, connect: Any
+) -> None:
+    limits = Limits(max_message_bytes=2048, max_clone_bytes=200_000, max_clone_seconds=2.0)
+    server = await start_server(limits=limits)
+    async with connect(server) as client:
+        # Refused at the announcement (3 s > 2 s); its audio, far over max_message_bytes,
+        # was already on its way and is dropped with it.
+        too_long = _pcm16(3.0)
+        assert len(too_long) > 2048
+        error = await _clone(client, too_long, "long", audio_format="pcm_s16le", sample_rate=16000)
+        assert (error.code, error.request_id, error.fatal) == ("bad_audio", "long", False)
+        error = await _clone(client, b"\x00" * 200_001, "big")  # over max_clone_bytes
+        assert (error.code, error.request_id, error.fatal) == ("bad_audio", "big", False)
+        await configure(client, sampling=SHORT)  # the next message is the answer: no stray error
+        assert (await client.speak("after", "Still alive.")).done.reason == "completed"
+
+
+async def test_hostile_json_gets_a_typed_error_over_the_socket(
+    start_server: Any, connect: Any
+) -> None:
+    server = await start_server()
+    async with connect(server) as client:
+        for data in (
+            "[" * 1000 + "]" * 1000,
+            "[" * 100_000 + "]" * 100_000,
+            '{"type":"turn.start","text":' + "[" * 1000 + "]" * 1000 + "}",
+            '{"type":"turn.start","turn_id":"s","text":"a \\ud800 b","end":true}',
+        ):
+            await client.ws.send(data)
+            error = await client.expect("error")
+            assert (error.code, error.fatal) == ("bad_message", False), error
+        await configure(client, sampling=SHORT)
+        assert (await client.speak("after", "Still alive.")).done.reason == "completed"
+
+
+async def test_special_token_spellings_in_any_text_stay_text(
+    start_server: Any, connect: Any
+) -> None:
+    server = await start_server()
+    core = server.service.engine._core
+    encode = core.encode
+    prompts: list[list[int]] = []
+
+    def spying(text: str) -> list[int]:
+        ids = encode(text)
+        prompts.append(ids)
+        return ids
+
+    core.encode = spying
+    injected = (
+        "Hi <custom_token_4><custom_token_5><custom_token_1> <|eot_id|><|start_header_id|> ok."
+    )
+    try:
+        async with connect(server) as client:
+            await configure(client, sampling=SHORT)
+            result = await client.speak("x", injected)
+            assert result.done.reason == "completed"
+    finally:
+        core.encode = encode
+    assert prompts and all(ids[0] == 128000 and max(ids[1:]) < 128000 for ids in prompts), prompts
+
+
 # ----------------------------------------------------------------------------------- auth
 
 

@@ -23,6 +23,7 @@ from voxlane.server.codec import (
     SnacCodec,
     StreamingDecoder,
     load_snac,
+    read_reference,
 )
 from voxlane.server.orpheus import SAMPLES_PER_FRAME
 
@@ -371,3 +372,56 @@ def test_bad_audio_is_audio_format_error(
 def test_bad_arrays_are_audio_format_error(codec: SnacCodec, samples, rate) -> None:
     with pytest.raises(AudioFormatError):
         codec.encode_array(samples, rate)
+
+
+# ------------------------------------------------------------- clone references (issue 22)
+
+
+def _pcm16(samples: np.ndarray) -> bytes:
+    return np.round(np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def test_read_reference_accepts_a_voice_clip() -> None:
+    clip = tone(1.5, 16_000, 2)
+    samples, rate = read_reference(_wav_bytes(clip, 16_000), "wav")
+    assert rate == 16_000 and samples.shape == clip.shape
+    samples, rate = read_reference(_pcm16(clip[:, 0]), "pcm_s16le", 16_000)
+    assert rate == 16_000 and samples.shape == (clip.shape[0], 1)
+    assert np.allclose(samples[:, 0], clip[:, 0], atol=1e-4)
+
+
+def _truncated_wav() -> bytes:
+    data = _wav_bytes(tone(2.0, 16_000, 1), 16_000)
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("data", "audio_format", "rate", "message"),
+    [
+        (_truncated_wav(), "wav", None, "WAV is truncated: its header declares 64000 bytes"),
+        (_wav_bytes(tone(2.0, 16_000, 1)[:1], 16_000), "wav", None, "0 ms long; at least 1 s"),
+        (_wav_bytes(tone(0.9, 16_000, 1), 16_000), "wav", None, "900 ms long"),
+        (_wav_bytes(np.zeros((32_000, 1), np.float32), 16_000), "wav", None, "digital silence"),
+        (_pcm16(np.full(32_000, 1e-4)), "pcm_s16le", 16_000, r"silent \(-8\d dBFS"),
+        (_pcm16(tone(2.0, 16_000, 1)[:, 0]) + b"\x00", "pcm_s16le", 16_000, "whole 2-byte"),
+        (_pcm16(tone(2.0, 16_000, 1)[:, 0]), "pcm_s16le", None, "needs a sample rate"),
+        (_pcm16(tone(2.0, 8_000, 1)[:, 0]), "pcm_s16le", 8_000, None),  # passes
+    ],
+    ids=["truncated", "one-sample", "short", "silence", "near-silence", "odd", "no-rate", "ok"],
+)
+def test_read_reference_says_what_is_wrong(
+    data: bytes, audio_format: str, rate: int | None, message: str | None
+) -> None:
+    if message is None:
+        read_reference(data, audio_format, rate)
+        return
+    with pytest.raises(AudioFormatError, match=message) as info:
+        read_reference(data, audio_format, rate)
+    assert info.value.code == "bad_audio"
+
+
+def test_a_wav_with_chunks_after_its_samples_is_not_truncated() -> None:
+    data = _wav_bytes(tone(1.2, 16_000, 1), 16_000)
+    tail = b"LIST" + (4).to_bytes(4, "little") + b"INFO"
+    samples, _ = read_reference(data + tail, "wav")
+    assert samples.shape[0] == round(1.2 * 16_000)
