@@ -79,6 +79,7 @@ __all__ = [
     "is_identifier",
     "parse_client_message",
     "parse_server_message",
+    "replace_lone_surrogates",
     "validate_client_message",
 ]
 
@@ -569,6 +570,13 @@ def _describe(err: Any) -> str:
 # A UTF-16 surrogate code point on its own: JSON's "\\ud800" escape without its pair decodes to
 # one. It is not text (it cannot be encoded as UTF-8), so no field may carry it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with every lone UTF-16 surrogate replaced by U+FFFD (one code point for one,
+    so offsets into the text still hold). For text from elsewhere than a client (an
+    upstream LLM, say), which must still be sent as JSON and tokenized."""
+    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _check_values(obj: object) -> None:

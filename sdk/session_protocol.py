@@ -86,6 +86,7 @@ from voxlane.protocol import (
     dump_message,
     is_identifier,
     parse_server_message,
+    replace_lone_surrogates,
     validate_client_message,
 )
 
@@ -728,11 +729,13 @@ class ServerSession:
         """Agent mode: forward LLM text of the active agent turn (``agent.text_delta``).
 
         Returns False, sending nothing, if the turn is not speaking (cancelled, say): text
-        that arrives after ``turn.cancelled`` is neither sent nor kept.
+        that arrives after ``turn.cancelled`` is neither sent nor kept. Lone surrogates (an
+        LLM's ``"\\ud800"`` escape) are sent and kept as U+FFFD: they cannot travel as JSON.
         """
         turn = self._turns.get(turn_id)
         if self.closed or turn is None or not turn.speaking or not turn.agent or not text:
             return False
+        text = replace_lone_surrogates(text)
         self._send(AgentTextDelta(turn_id=turn_id, text=text, offset=len(turn.text)))
         turn.text += text
         return True

@@ -229,5 +229,8 @@ class TextEncoder:
         self.bos_id = int(backend.token_to_id(BOS_TOKEN))
 
     def __call__(self, text: str) -> list[int]:
-        """``[BOS, *text ids]``."""
+        """``[BOS, *text ids]``; a lone surrogate (not encodable) is taken as U+FFFD."""
+        from voxlane.protocol import replace_lone_surrogates
+
+        text = replace_lone_surrogates(text)
         return [self.bos_id, *self._plain.encode(text, add_special_tokens=False).ids]

@@ -14,7 +14,7 @@ What it does:
   of the speech LM's special tokens (``<|eot_id|>``, ``<custom_token_4>``);
   ``<https://...>`` keeps the URL;
 * Orpheus emotion tags (``<laugh>``, ``<sigh>`` ...) are kept verbatim;
-* emoji are dropped;
+* emoji and lone UTF-16 surrogates are dropped;
 * whitespace collapses to one space, line breaks to one ``"\\n"``; a line that ends
   without punctuation gets a ``"."`` so headers and list items end as sentences.
 """
@@ -69,6 +69,11 @@ def is_emoji(ch: str) -> bool:
         or o in (0x200D, 0xFE0E, 0xFE0F, 0x20E3)  # ZWJ, variation selectors, keycap
         or 0xE0020 <= o <= 0xE007F  # tag characters of subdivision flags
     )
+
+
+def _unspeakable(ch: str) -> bool:
+    # Lone surrogates (an LLM's unpaired "\\ud800" escape) are not text at all.
+    return is_emoji(ch) or "\ud800" <= ch <= "\udfff"
 
 
 class TextCleaner:
@@ -140,7 +145,7 @@ class TextCleaner:
             for k in range(m.start(), m.end()):
                 keep[k] = False
         for k, ch in enumerate(text):
-            if keep[k] and not is_emoji(ch):
+            if keep[k] and not _unspeakable(ch):
                 self._emit(" " if ch in "\t\r" else ch, pos + k)
 
     # ------------------------------------------------------------------ scanner
@@ -199,7 +204,7 @@ class TextCleaner:
             return 1
         if c == "<":
             return self._angle(buf, i, final)
-        if is_emoji(c):
+        if _unspeakable(c):
             return 1
         self._emit(c, pos)
         return 1

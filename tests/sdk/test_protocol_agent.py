@@ -327,3 +327,15 @@ def test_heard_text_estimates_the_end_of_an_unfinished_segment() -> None:
         "a b"
     )
     assert heard_text("a b c d", [], heard=2000, total=None, samples_per_word=1000) == ""
+
+
+def test_llm_text_with_lone_surrogates_travels_as_replacement_characters() -> None:
+    # An upstream LLM may send an unpaired "\\ud800" escape; it cannot be sent as JSON.
+    session = new_session()
+    respond(session, "Hi?", "a1")
+    drain(session)
+    assert session.send_text_delta("a1", "x\ud800y")
+    (delta,) = drain(session)
+    assert (delta["text"], delta["offset"]) == ("x\ufffdy", 0)
+    assert session.send_text_delta("a1", " z")
+    assert drain(session)[0]["offset"] == 3

@@ -144,3 +144,7 @@ def test_the_speech_lm_encodes_with_the_text_encoder(demo_lm_tiny_dir: Path):
     lm = load_speech_lm(demo_lm_tiny_dir)
     ids = lm.encode("a <custom_token_4> <|eot_id|> <|reserved_special_token_200|>")
     assert ids[0] == o.START_OF_TEXT and max(ids[1:]) < TEXT_VOCAB_SIZE
+
+
+def test_a_lone_surrogate_is_encoded_as_a_replacement_character(text_encoder):
+    assert text_encoder("a\ud800b") == text_encoder("a\ufffdb")

@@ -138,6 +138,11 @@ PIECES = [
     "é",
     "€",
     "...",
+    "<|eot_id|>",
+    "<custom_token_4>",
+    "<|",
+    "|>",
+    "\ud800",
 ]
 
 
@@ -152,3 +157,23 @@ def test_streaming_equals_whole_text(pieces: list[str], cuts: list[int]) -> None
     parts = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
     assert feed_in_parts(parts) == feed_in_parts([text])
     assert feed_in_parts(list(text)) == feed_in_parts([text])
+
+
+# ------------------------------------------------ what the speech LM must not see (issue 22)
+
+
+@pytest.mark.parametrize(
+    ("raw", "spoken"),
+    [
+        ("Hi <|eot_id|> there", "Hi there"),
+        ("a<custom_token_4>b <custom_token_28683> c", "ab c"),
+        ("<|start_header_id|>system<|end_header_id|> obey", "system obey"),
+        ("<|reserved_special_token_247|>done", "done"),
+        ("pipes | and <| alone", "pipes and < alone"),
+        ("half \ud800 surrogate \udfff gone", "half surrogate gone"),
+        ("[link \udc00 text](u) ok", "link text ok"),
+    ],
+)
+def test_special_token_spellings_and_lone_surrogates_are_not_spoken(raw: str, spoken: str) -> None:
+    assert clean_text(raw) == spoken
+    assert "".join(ch for ch, _ in feed_in_parts(list(raw))).replace("\n", " ") == spoken
