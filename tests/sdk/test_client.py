@@ -292,6 +292,19 @@ async def test_clone_from_another_format_decodes_locally(
     assert cloned.voice_id.startswith("clone-")
 
 
+async def test_clone_refusals_raise_their_classes(session: voxlane.Session) -> None:
+    with pytest.raises(voxlane.DuplicateVoiceError, match="built-in"):
+        await session.clone_voice(_reference(), "Hello.", name="tara", sample_rate=24000)
+    with pytest.raises(voxlane.AudioFormatError, match="silent"):
+        await session.clone_voice(np.zeros(24000, np.float32), "Hello.", sample_rate=24000)
+    with pytest.raises(voxlane.AudioFormatError, match="at least 1 s"):
+        await session.clone_voice(_reference(0.5), "Hello.", sample_rate=24000)
+    cloned = await session.clone_voice(_reference(), "Hello.", name="me", sample_rate=24000)
+    with pytest.raises(voxlane.DuplicateVoiceError, match="already"):
+        await session.clone_voice(_reference(), "Hello.", name="me", sample_rate=24000)
+    assert cloned.voice_id == "me" and "me" in session.voices
+
+
 # ------------------------------------------------------------------- error mapping
 
 
