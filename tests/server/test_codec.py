@@ -23,6 +23,7 @@ from voxlane.server.codec import (
     SnacCodec,
     StreamingDecoder,
     load_snac,
+    resolve_codec_precision,
 )
 from voxlane.server.orpheus import SAMPLES_PER_FRAME
 
@@ -371,3 +372,18 @@ def test_bad_audio_is_audio_format_error(
 def test_bad_arrays_are_audio_format_error(codec: SnacCodec, samples, rate) -> None:
     with pytest.raises(AudioFormatError):
         codec.encode_array(samples, rate)
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
+def test_auto_codec_precision_is_bf16_only_with_bf16_hardware(
+    monkeypatch: pytest.MonkeyPatch, amx: bool
+) -> None:
+    from voxlane.server import snac_stream
+
+    # Without AMX, bf16 products are slower than float32 (architecture.md): auto must not pick them.
+    monkeypatch.setattr(snac_stream, "bf16_supported", lambda device="cpu": amx)
+    assert resolve_codec_precision("auto") == ("bfloat16" if amx else "float32")
+    assert resolve_codec_precision("float32") == "float32"
+    assert resolve_codec_precision("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="auto"):
+        resolve_codec_precision("float16")
