@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Literal
 
+from voxlane.server.codec import CODEC_PRECISIONS
+
 #: CPU features the speed choices depend on: bf16 GEMMs pay with AMX-BF16 only
 #: (``bf16_supported``), fbgemm's and the native step's int8 products want AVX512-VNNI.
 _CPU_FLAGS = ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -54,7 +56,7 @@ def add_service_arguments(
     parser.add_argument(
         "--codec-precision",
         default=codec_precision,
-        choices=["auto", "float32", "bfloat16"],
+        choices=CODEC_PRECISIONS,
         help="SNAC's matrix products (auto: bfloat16 where the CPU has AMX, else float32)",
     )
     parser.add_argument(

@@ -10,6 +10,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from voxlane.protocol import Limits
+from voxlane.server.codec import CODEC_PRECISIONS
 
 if TYPE_CHECKING:
     from voxlane.server.agent import LLMConfig
@@ -94,7 +95,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--codec-precision",
-        choices=["auto", "float32", "bfloat16"],
+        choices=CODEC_PRECISIONS,
         default="auto",
         help="SNAC's matrix products: bfloat16 is ~1.4x faster on CPUs with AMX (~40 dB from the"
         " float32 decode) and slower without; auto (default): bfloat16 where the device has bf16"
