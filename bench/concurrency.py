@@ -4,13 +4,15 @@ Everything runs on the ``--model`` demo LM (default ``small``), its layer weight
 ``--quantize`` (default int8; ``python -m bench engine`` reports what int8 changes in the
 logits and frames), and the demo SNAC, decoded exactly in a child process (``--codec-worker``,
 default ``process`` as ``voxlane serve``) with its matrix products in ``--codec-precision``
-(default bfloat16; ``codec_snr_db`` is what that changes: the bf16 decode of 32 random frames
-against the float32 one). The server's turns are paced (``--pace-ahead``, default 1 s:
-``EngineConfig.pace_ahead_s``, ``voxlane serve --pace-ahead 1``): a turn whose listener holds
-more than a second of audio waits, leaving the CPU to the codec and the other turns;
-``--pace-ahead 0`` turns it off. The throughput part runs engine sessions without a
-listener, which are never paced. The engine thread and the codec get ``--threads`` torch threads
-each. Only ratios from one run mean anything (the box is shared).
+(default ``auto`` as ``voxlane serve``: bfloat16 where the CPU has AMX, float32 elsewhere, where
+bf16 products are slower; ``codec_snr_db`` is what bfloat16 changes: its decode of 32 random
+frames against the float32 one). The JSON names the host (``cpu``, ``cores``, ``cpu_flags``,
+``native_step``) and the settings chosen for it (``codec_precision``). The server's turns are
+paced (``--pace-ahead``, default 1 s: ``EngineConfig.pace_ahead_s``, ``voxlane serve
+--pace-ahead 1``): a turn whose listener holds more than a second of audio waits, leaving the
+CPU to the codec and the other turns; ``--pace-ahead 0`` turns it off. The throughput part runs
+engine sessions without a listener, which are never paced. The engine thread and the codec get
+``--threads`` torch threads each. Only ratios from one run mean anything (the box is shared).
 
 - ``tokens_per_s``: aggregate audio tokens/s of the engine alone (no SNAC) with 1, 2, 4 and 8
   streams started together, each generating ``--frames`` frames of its own text and seed (a
@@ -50,7 +52,7 @@ TEXT = "Hey there, my name is Tara, and I am a speech model that talks to many p
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.common import add_service_arguments
 
-    add_service_arguments(parser, quantize="int8", codec_precision="bfloat16", pace_ahead=1.0)
+    add_service_arguments(parser, quantize="int8", codec_precision="auto", pace_ahead=1.0)
     parser.add_argument("--frames", type=int, default=24, help="frames per throughput stream")
     parser.add_argument("--turn-frames", type=int, default=48, help="frames per real-time turn")
     parser.add_argument("--max-streams", type=int, default=8, help="real-time search bound")
@@ -144,22 +146,25 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.common import service_from_args
+    from bench.common import host_info, service_from_args
 
     service = service_from_args(args, max_context=2048)
     engine = service.engine
+    precision = service.codec_precision  # what --codec-precision (auto) chose on this host
     result: dict[str, Any] = {
+        **host_info(),
         "model": args.model,
         "threads": args.threads,
         "quantize": args.quantize,
         "codec_worker": args.codec_worker,
-        "codec_precision": args.codec_precision,
+        "codec_precision": precision,
+        "codec_precision_arg": args.codec_precision,
         "pace_ahead_s": args.pace_ahead if args.pace_ahead and args.pace_ahead > 0 else None,
     }
     try:
-        if args.codec_precision != "float32":
+        if precision != "float32":
             result["codec_snr_db"] = await asyncio.to_thread(
-                _codec_snr_db, service.codec, args.codec_precision, args.seed
+                _codec_snr_db, service.codec, precision, args.seed
             )
         await _throughput(engine, 1, 4, args.seed)  # warm-up
         runs: dict[int, dict[str, float]] = {}

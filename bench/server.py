@@ -296,7 +296,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "quantize": args.quantize,
         "codec_worker": args.codec_worker,
-        "codec_precision": args.codec_precision,
+        "codec_precision": service.codec_precision,  # "auto" resolved
     }
     try:
         async with (

@@ -311,10 +311,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     )
     p.add_argument(
         "--codec-precision",
-        choices=["float32", "bfloat16"],
-        default=None,
-        help="SNAC's matrix products (as `serve --codec-precision`); default: bfloat16 where the"
-        " CPU has bf16 hardware (AMX), else float32",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="SNAC's matrix products (as `serve --codec-precision`); auto (default): bfloat16"
+        " where the CPU has bf16 hardware (AMX), else float32",
     )
     handlers["demo"] = _cmd_demo
 

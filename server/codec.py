@@ -44,7 +44,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -62,6 +62,7 @@ from voxlane.server.orpheus import (
 )
 
 __all__ = [
+    "CODEC_PRECISIONS",
     "DEFAULT_STREAMING",
     "LOW_LATENCY_STREAMING",
     "MAX_REFERENCE_BYTES",
@@ -74,6 +75,7 @@ __all__ = [
     "load_snac",
     "read_audio",
     "read_reference",
+    "resolve_codec_precision",
 ]
 
 #: Default longest reference clip :meth:`SnacCodec.encode_file` accepts.
@@ -95,6 +97,31 @@ DEFAULT_STREAMING: Mapping[str, int] = MappingProxyType(
 LOW_LATENCY_STREAMING: Mapping[str, int] = MappingProxyType(
     {"left": 2, "lookahead": 0, "frames_per_call": 8, "crossfade": 512}
 )
+
+#: Values of ``--codec-precision`` (``voxlane serve``, ``voxlane demo``, the benchmarks): the
+#: exact decoder's matrix products in float32, in bfloat16, or ``auto`` (see
+#: :func:`resolve_codec_precision`).
+CODEC_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_codec_precision(
+    precision: str = "auto", device: str = "cpu"
+) -> Literal["float32", "bfloat16"]:
+    """The :class:`~voxlane.server.snac_stream.SnacProgram` precision for ``precision``.
+
+    ``"auto"`` is the faster one on ``device``: ``"bfloat16"`` where
+    :func:`~voxlane.server.snac_stream.bf16_supported` (bf16 matrix hardware: AMX on x86
+    CPUs), else ``"float32"`` (without that hardware bf16 products are slower than float32).
+    ``"float32"`` and ``"bfloat16"`` are returned as given. Raises ``ValueError`` otherwise.
+    """
+    if precision == "float32" or precision == "bfloat16":
+        return precision
+    if precision != "auto":
+        raise ValueError(f"codec precision {precision!r} is not one of {list(CODEC_PRECISIONS)}")
+    from voxlane.server.snac_stream import bf16_supported
+
+    return "bfloat16" if bf16_supported(device) else "float32"
+
 
 _FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
 

@@ -56,6 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from voxlane.server.app import ServerConfig, SpeechService, VoxlaneServer
+    from voxlane.server.codec import resolve_codec_precision
     from voxlane.server.demo import ensure_demo_lm, ensure_demo_snac
     from voxlane.server.engine import EngineConfig
 
@@ -66,11 +67,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"demo weights   {lm_dir.parent}  ({time.perf_counter() - t0:.1f} s)")
     t0 = time.perf_counter()
     quantize = getattr(args, "quantize", "int8")
-    precision = getattr(args, "codec_precision", None)
-    if precision is None:  # bfloat16 products only where the CPU has the hardware for them
-        from voxlane.server.snac_stream import bf16_supported
-
-        precision = "bfloat16" if bf16_supported() else "float32"
+    # "auto": bfloat16 products only where the CPU has the hardware for them.
+    precision = resolve_codec_precision(getattr(args, "codec_precision", None) or "auto")
     service = SpeechService.load(
         str(lm_dir),
         str(snac_dir),

@@ -84,6 +84,18 @@ def _torch_dtype(dtype: DTypeName | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}") from None
 
 
+def _dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the weights' dtype in the installed transformers.
+
+    ``dtype`` exists from 4.56 (older versions pass it on to the model's ``__init__``, which
+    fails with a ``TypeError``); ``torch_dtype`` is deprecated from 4.56 on.
+    """
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def _check_config(config: object, where: str) -> None:
     model_type = getattr(config, "model_type", None)
     architectures = getattr(config, "architectures", None) or []
@@ -143,7 +155,9 @@ def load_speech_lm(
         raise ModelFormatError(f"{where}: no usable tokenizer files: {exc}") from exc
     _check_tokenizer(tokenizer, where)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, **{_dtype_keyword(): torch_dtype}
+        )
     except (ValueError, OSError, RuntimeError) as exc:  # truncated or mismatched weights
         raise ModelFormatError(f"{where}: weights cannot be loaded: {exc}") from exc
     if not isinstance(model, LlamaForCausalLM):  # pragma: no cover - guarded by _check_config

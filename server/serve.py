@@ -10,6 +10,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from voxlane.protocol import Limits
+from voxlane.server.codec import CODEC_PRECISIONS
 
 if TYPE_CHECKING:
     from voxlane.server.agent import LLMConfig
@@ -94,10 +95,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--codec-precision",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="bfloat16: SNAC's matrix products in bf16 (~1.4x faster on CPUs with AMX,"
-        " ~40 dB from the float32 decode)",
+        choices=CODEC_PRECISIONS,
+        default="auto",
+        help="SNAC's matrix products: bfloat16 is ~1.4x faster on CPUs with AMX (~40 dB from the"
+        " float32 decode) and slower without; auto (default): bfloat16 where the device has bf16"
+        " matrix hardware, else float32",
     )
     p.add_argument("--log-level", default="INFO")
     agent = p.add_argument_group("agent mode (the server asks an OpenAI-compatible LLM)")
@@ -150,6 +152,7 @@ def llm_config(args: argparse.Namespace) -> LLMConfig | None:
 def build_server(args: argparse.Namespace) -> VoxlaneServer:
     """Load the models named by ``args`` and return an unstarted server."""
     from voxlane.server.app import ServerConfig, SpeechService, VoxlaneServer
+    from voxlane.server.codec import resolve_codec_precision
     from voxlane.server.engine.config import EngineConfig
 
     model, codec = args.model, args.codec
@@ -189,7 +192,7 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
         ),
         codec_threads=args.codec_threads,
         codec_worker=args.codec_worker,
-        codec_precision=args.codec_precision,
+        codec_precision=resolve_codec_precision(args.codec_precision, args.device),
     )
     return VoxlaneServer(service, config)
 

@@ -107,14 +107,24 @@ def _llama3_split_pattern() -> str:
 def _orpheus_backend_json() -> str:
     """The serialized ``tokenizers`` backend (built once per process: deriving the
     BPE merges from the ranks is the slow part)."""
-    from tokenizers import AddedToken, processors
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    backend = TikTokenConverter(
-        vocab_file=str(llama3_bpe_file()),
-        pattern=_llama3_split_pattern(),
-        extra_special_tokens=list(LLAMA3_SPECIAL_TOKENS),
-    ).converted()
+    pattern = _llama3_split_pattern()
+    # Only the converter's BPE model (vocabulary and merges from the ranks): its `converted()`
+    # takes the special tokens under a keyword that transformers renamed in 4.56
+    # (`additional_special_tokens` -> `extra_special_tokens`), so the rest is done here.
+    backend = TikTokenConverter(vocab_file=str(llama3_bpe_file()), pattern=pattern).tokenizer()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(name, normalized=False, special=True) for name in LLAMA3_SPECIAL_TOKENS]
+    )
     if backend.get_vocab_size() != _FIRST_CUSTOM_ID:  # pragma: no cover - wheel changed
         raise RuntimeError(f"Llama-3 tokenizer has {backend.get_vocab_size()} ids, not 128256")
     # Orpheus added these with `add_tokens`: plain (non-special, normalized) added tokens.

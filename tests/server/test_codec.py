@@ -24,6 +24,7 @@ from voxlane.server.codec import (
     StreamingDecoder,
     load_snac,
     read_reference,
+    resolve_codec_precision,
 )
 from voxlane.server.orpheus import SAMPLES_PER_FRAME
 
@@ -425,3 +426,18 @@ def test_a_wav_with_chunks_after_its_samples_is_not_truncated() -> None:
     tail = b"LIST" + (4).to_bytes(4, "little") + b"INFO"
     samples, _ = read_reference(data + tail, "wav")
     assert samples.shape[0] == round(1.2 * 16_000)
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
+def test_auto_codec_precision_is_bf16_only_with_bf16_hardware(
+    monkeypatch: pytest.MonkeyPatch, amx: bool
+) -> None:
+    from voxlane.server import snac_stream
+
+    # Without AMX, bf16 products are slower than float32 (architecture.md): auto must not pick them.
+    monkeypatch.setattr(snac_stream, "bf16_supported", lambda device="cpu": amx)
+    assert resolve_codec_precision("auto") == ("bfloat16" if amx else "float32")
+    assert resolve_codec_precision("float32") == "float32"
+    assert resolve_codec_precision("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="auto"):
+        resolve_codec_precision("float16")

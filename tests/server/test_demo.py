@@ -54,7 +54,8 @@ def test_tiny_lm_has_the_orpheus_layout(demo_lm_tiny_dir: Path):
     config = json.loads((demo_lm_tiny_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["vocab_size"] == o.VOCAB_SIZE
-    assert config["rope_parameters"]["rope_type"] == "llama3"
+    # transformers 5 writes `rope_parameters`; 4.x writes `rope_scaling` (the released layout).
+    assert (config.get("rope_parameters") or config["rope_scaling"])["rope_type"] == "llama3"
     assert config["tie_word_embeddings"] is True
 
 

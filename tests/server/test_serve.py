@@ -7,6 +7,9 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
+from voxlane.server import snac_stream
 from voxlane.server.serve import add_serve_arguments, build_server
 from voxlane.server.snac_stream import SnacProgram
 from voxlane.server.snac_worker import SnacWorkerProgram
@@ -18,15 +21,23 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
 def test_defaults_decode_in_a_child_with_one_thread(
-    demo_root: Path, demo_lm_tiny_dir: Path, demo_snac_dir: Path
+    demo_root: Path,
+    demo_lm_tiny_dir: Path,
+    demo_snac_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    amx: bool,
 ) -> None:
+    # The default precision follows the host: bf16 GEMMs only where they are faster (AMX).
+    monkeypatch.setattr(snac_stream, "bf16_supported", lambda device="cpu": amx)
     server = build_server(_args("--demo", "tiny", "--demo-root", str(demo_root), "--no-auth"))
     service = server.service
     try:
         program = service.snac_program
         assert isinstance(program, SnacWorkerProgram)
-        assert program.threads == 1 and program.precision == "float32"
+        assert program.threads == 1
+        assert program.precision == ("bfloat16" if amx else "float32")
         assert service.engine.config.pace_ahead_s is None  # no pacing unless asked
         # The LM gets the cores the codec does not use.
         assert service.engine.config.num_threads == max(1, (os.cpu_count() or 2) - 1)
