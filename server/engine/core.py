@@ -530,11 +530,14 @@ class EngineCore:
                 self._execute_step(req)  # starting or prefilling: its own forward
             except Exception as exc:  # this request only; the engine keeps serving
                 self._fail(req, exc)
-        logits = self._heads(ready)
+        # An abort drained while a later request prefilled may have finished a request that
+        # was already ready (its hidden state is gone): only live requests reach the heads.
+        ready = [req for req in ready if not req.done]
+        logits = self._heads_isolated(ready)
         decode: list[tuple[Request, int]] = []
         for req in ready:
             self._drain_aborts()
-            if req.done:
+            if req.done or req.id not in logits:
                 continue
             try:
                 token = self._sample_step(req, logits[req.id])
@@ -547,6 +550,21 @@ class EngineCore:
             self._decode(decode)
             if not other_work:
                 self.stats.record(len(decode), time.perf_counter() - started)
+
+    def _heads_isolated(self, reqs: list[Request]) -> dict[int, Tensor]:
+        """:meth:`_heads` of ``reqs``; if the batched call fails, each request alone, so a
+        failure fails only the request that causes it (the others' logits are returned)."""
+        try:
+            return self._heads(reqs)
+        except Exception:
+            log.debug("batched heads failed; retrying their requests one by one", exc_info=True)
+        out: dict[int, Tensor] = {}
+        for req in reqs:
+            try:
+                out.update(self._heads([req]))
+            except Exception as exc:
+                self._fail(req, exc)
+        return out
 
     def _heads(self, reqs: list[Request]) -> dict[int, Tensor]:
         """Legal-row logits of each request at its own frame position: one matmul per
@@ -640,16 +658,25 @@ class EngineCore:
         every stream gets its turn as it falls behind (fair by deadline).
         """
         ready: list[Request] = []
-        for state in self.sessions.values():
+        now = self.clock()
+        ahead: dict[int, float] = {}
+        for state in list(self.sessions.values()):
             if state.active is None and state.queue:
                 state.active = state.queue.popleft()
-            if state.active is not None and not self._paused(state.active):
-                ready.append(state.active)
+            req = state.active
+            if req is None:
+                continue
+            try:  # the flow-control hints are the caller's callbacks: a raise is this request's
+                if self._paused(req):
+                    continue
+                ahead[req.id] = req.ahead(now)
+            except Exception as exc:
+                self._fail(req, exc)
+                continue
+            ready.append(req)
         ready = self._admit(ready)
         if len(ready) < 2:
             return ready
-        now = self.clock()
-        ahead = {req.id: req.ahead(now) for req in ready}
         ready.sort(key=lambda r: ahead[r.id])  # stable: ties keep session order
         limit = self.config.yield_ahead_s
         if limit is not None and ahead[ready[0].id] < limit:

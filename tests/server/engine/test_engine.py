@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 
 import pytest
@@ -129,3 +130,36 @@ async def test_a_consumer_that_stops_reading_pauses_only_its_own_request(tiny_lm
         assert len(frames_slow) == 12 and slow.finish_reason == "max_frames"
     finally:
         await eng.aclose()
+
+
+async def test_a_storm_of_cancelled_turns_fails_nothing(tiny_lm, caplog) -> None:
+    # Issue 22 item 1: turns started and cancelled shortly after start across five sessions
+    # (the server's pattern: one engine session per turn), admission off. Cancels land at
+    # every point of a step (queued, prefilling, ready, sampling); none may fail a request.
+    eng = SpeechEngine(tiny_lm, EngineConfig(max_context=1024, num_threads=1, admission="off"))
+    eng.start()
+    voice = eng.builtin_voice("tara")
+    reasons: list[str | None] = []
+
+    async def client(c: int) -> None:
+        for i in range(40):
+            session = eng.open_session(voice)
+            stream = session.generate(f"turn {i} of client {c}", SamplingParams(max_frames=100))
+            for _ in range((i + c) % 3):  # cancel before the first frame, after one, after two
+                with contextlib.suppress(StopAsyncIteration):
+                    await anext(stream)
+            await asyncio.sleep(0.001 * ((i * 7 + c) % 4))
+            stream.cancel()
+            reasons.append(stream.finish_reason)
+            session.close()
+
+    try:
+        await asyncio.gather(*(client(c) for c in range(5)))
+        check = eng.open_session(voice)  # a turn after the storm is still served
+        last = check.generate("still fine", SamplingParams(max_frames=2, seed=1))
+        assert len([f async for f in last]) == 2
+        check.close()
+    finally:
+        await eng.aclose()
+    assert len(reasons) == 200 and set(reasons) <= {"cancelled", "eos", "max_frames"}
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
