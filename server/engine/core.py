@@ -57,7 +57,7 @@ __all__ = ["EngineCore", "FinishReason", "Finished", "Request", "SessionState", 
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["eos", "max_frames", "cancelled", "error"]
+FinishReason = Literal["eos", "max_frames", "text_cap", "cancelled", "error"]
 
 #: Seconds of audio one frame plays (2,048 samples at 24 kHz = 85.3 ms).
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
@@ -106,6 +106,7 @@ class Request:
     hidden: Tensor | None = None  # [D] final-norm hidden state predicting the next token
     prefill_hidden: Tensor | None = None  # kept for tests: predicts the first audio token
     sampler: FrameSampler | None = None
+    frame_limit: int = 0  # max_frames, or less by the text cap (EngineConfig.segment_frame_cap)
     codes: list[int] = field(default_factory=list)  # codes of the frame being built
     frames: int = 0
     steps: int = 0  # executed steps (prefill counts as one)
@@ -737,8 +738,9 @@ class EngineCore:
         position = len(req.codes)
         hidden = req.hidden
         assert hidden is not None and state.cache is not None and req.sampler is not None
-        if position == 0 and req.frames >= req.params.max_frames:
-            self._close_segment(req, "max_frames")
+        if position == 0 and req.frames >= req.frame_limit:
+            capped = req.frame_limit < req.params.max_frames
+            self._close_segment(req, "text_cap" if capped else "max_frames")
             return None
         index = req.sampler.sample(logits, position)
         if index == EOS_INDEX:
@@ -761,11 +763,13 @@ class EngineCore:
         state = req.session
         self._prepare(state)
         req.prompt = state.voice.prompt(self.encode, req.text)
-        needed = len(req.prompt) + FRAME_SIZE * req.params.max_frames + 2
+        cap = self.config.segment_frame_cap(req.text)
+        req.frame_limit = req.params.max_frames if cap is None else min(cap, req.params.max_frames)
+        needed = len(req.prompt) + FRAME_SIZE * req.frame_limit + 2
         capacity = state.cache.capacity
         if state.prefix_len + needed > capacity:
             raise ContextOverflowError(
-                f"a segment of {len(req.prompt)} prompt tokens and up to {req.params.max_frames}"
+                f"a segment of {len(req.prompt)} prompt tokens and up to {req.frame_limit}"
                 f" frames ({needed} tokens) does not fit max_context {capacity}"
                 f" after a voice prefix of {state.prefix_len}: lower max_frames or raise"
                 " max_context"

@@ -82,7 +82,8 @@ async def test_closing_the_stream_early_cancels(engine) -> None:
 
 async def test_errors_reach_their_request_only(engine) -> None:
     session = engine.open_session(engine.builtin_voice("tara"))
-    too_long = session.generate("x", SamplingParams(max_frames=10_000))
+    # 300 characters may take 77 s (the text cap): 900 frames do not fit 1,024 slots.
+    too_long = session.generate("word " * 60, SamplingParams(max_frames=10_000))
     with pytest.raises(ContextOverflowError):
         [f async for f in too_long]
     assert too_long.finish_reason == "error"
