@@ -315,6 +315,11 @@ class TurnPipeline:
         self._underruns_before_segment = self._playback.underruns
         self._frame_times.clear()
         stream = self._stream = self.speak(segment.text)
+        seed = getattr(stream, "seed", None)
+        if seed is not None and hasattr(decoder, "seed_noise"):
+            # SNAC's noise blocks draw random numbers too: a seeded segment seeds them, so
+            # the same seed and text give the same samples, not just the same frames.
+            decoder.seed_noise(seed)
         completed = False
         try:
             async for frame in stream:

@@ -51,6 +51,7 @@ from voxlane.server.orpheus import (
 from .config import EngineConfig, SamplingParams
 from .model import KVCache, StepModel
 from .sampling import EOS_INDEX, FrameSampler
+from .scripted import _float_linear
 from .voices import Voice, VoicePrefix, VoicePrefixStore
 
 __all__ = ["EngineCore", "FinishReason", "Finished", "Request", "SessionState", "StepStats"]
@@ -600,7 +601,7 @@ class EngineCore:
         for position, group in groups.items():
             hidden = torch.stack([req.hidden for req in group])  # type: ignore[misc]
             logits = self._rows[position](hidden)  # [n, 4096]
-            eos = hidden @ self._eos_row.T if position == 0 else None  # [n, 1]
+            eos = _float_linear(hidden, self._eos_row) if position == 0 else None  # [n, 1]
             for i, req in enumerate(group):
                 if eos is not None and req.frames > 0:
                     out[req.id] = torch.cat((logits[i], eos[i]))  # [4097]

@@ -164,3 +164,26 @@ async def test_a_storm_of_cancelled_turns_fails_nothing(tiny_lm, caplog) -> None
         await eng.aclose()
     assert len(reasons) == 200 and set(reasons) <= {"cancelled", "eos", "max_frames"}
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_each_segment_of_a_seeded_session_has_a_seed_of_its_own(engine) -> None:
+    # The same seed for every segment replayed the same random draws in each; segment i now
+    # samples with segment_seed(seed, i), the same in every run (and its SNAC noise with it).
+    from voxlane.server.engine.sampling import segment_seed
+
+    voice = engine.builtin_voice("tara")
+    runs = []
+    for _ in range(2):
+        session = engine.open_session(voice, window_segments=0)  # segments stand alone
+        streams = [session.generate("same", SamplingParams(max_frames=3, seed=4)) for _ in "ab"]
+        runs.append([[f async for f in streams[0]], [f async for f in streams[1]]])
+        assert [s.seed for s in streams] == [segment_seed(4, 0), segment_seed(4, 1)]
+        session.close()
+    assert runs[0] == runs[1]  # reproducible
+    assert runs[0][0] != runs[0][1]  # same text, no shared context: other draws
+    assert len({segment_seed(s, i) for s in range(50) for i in range(50)}) == 2500
+    assert all(0 <= segment_seed(2**32 - 1, i) < 2**63 for i in range(10))
+    unseeded = engine.open_session(voice)
+    stream = unseeded.generate("x", SamplingParams(max_frames=1))
+    assert stream.seed is None and len([f async for f in stream]) == 1
+    unseeded.close()
