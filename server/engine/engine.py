@@ -63,7 +63,8 @@ class _Progress:
 class FrameStream:
     """Async iterator over the frames of one segment.
 
-    Ends normally on END_OF_SPEECH or ``max_frames`` (see :attr:`finish_reason`); raises
+    Ends normally on END_OF_SPEECH, ``max_frames`` or the text cap
+    (``EngineConfig.segment_frame_cap``; see :attr:`finish_reason`); raises
     :class:`~voxlane.errors.EngineError` if the engine failed on this segment.
     """
 
@@ -75,7 +76,7 @@ class FrameStream:
         self.seed = seed
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._done = False
-        #: ``"eos" | "max_frames" | "cancelled" | "error"`` once the stream ended.
+        #: ``"eos" | "max_frames" | "text_cap" | "cancelled" | "error"`` once it ended.
         self.finish_reason: FinishReason | None = None
         self.frames = 0
         self._progress = _Progress()
