@@ -62,6 +62,11 @@ class ServerMetrics:
             "voxlane_audio_seconds", "Seconds of audio generated.", registry=r
         )
         self.errors = Counter("voxlane_errors", "Errors by code.", ["code"], registry=r)
+        self.capped_segments = Counter(
+            "voxlane_segments_capped",
+            "Segments the speech LM did not end, cut at the most frames their text can take.",
+            registry=r,
+        )
 
     def observe_turn(self, m: TurnMetrics, error: VoxlaneError | None) -> None:
         """Record a finished turn."""
@@ -75,6 +80,7 @@ class ServerMetrics:
             self.rtf.observe(m.rtf)
         self.underruns.inc(m.underruns)
         self.audio_seconds.inc(m.audio_s)
+        self.capped_segments.inc(m.capped_segments)
 
     def render(self) -> str:
         """The Prometheus text exposition."""

@@ -103,6 +103,7 @@ class TurnMetrics:
     underruns: int = 0
     segments: int = 0
     frames: int = 0
+    capped_segments: int = 0  # segments the engine's text-length frame cap ended
     cancelled: bool = False
 
     def as_dict(self) -> dict[str, float | int | bool | None]:
@@ -314,6 +315,11 @@ class TurnPipeline:
         self._underruns_before_segment = self._playback.underruns
         self._frame_times.clear()
         stream = self._stream = self.speak(segment.text)
+        seed = getattr(stream, "seed", None)
+        if seed is not None and hasattr(decoder, "seed_noise"):
+            # SNAC's noise blocks draw random numbers too: a seeded segment seeds them, so
+            # the same seed and text give the same samples, not just the same frames.
+            decoder.seed_noise(seed)
         completed = False
         try:
             async for frame in stream:
@@ -323,6 +329,10 @@ class TurnPipeline:
                 self._samples_decoded += pcm.size
                 await self._emit_pcm(pcm)
             completed = True
+            # The speech LM did not end the segment; the engine cut it at the most frames its
+            # text can take (EngineConfig.segment_frame_cap): counted, for /metrics.
+            if getattr(stream, "finish_reason", None) == "text_cap":
+                self.metrics.capped_segments += 1
         finally:
             self._stream = None
             if not completed:

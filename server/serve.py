@@ -68,6 +68,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         " the codec and other turns; 1 helps many streams on a small CPU); default: no pacing",
     )
     p.add_argument(
+        "--segment-cap",
+        type=_segment_cap,
+        default=0.25,
+        metavar="SECONDS_PER_CHAR|off",
+        help="a text segment speaks at most 2 s + this per character (a digit counts 3, a wide"
+        " character 2), so a speech LM that never ends a segment stops; default 0.25",
+    )
+    p.add_argument(
         "--quantize",
         choices=["none", "int8", "int4"],
         default="none",
@@ -120,6 +128,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     agent.add_argument("--llm-max-tokens", type=int, default=512)
     agent.add_argument("--max-history-messages", type=int, default=32)
     agent.add_argument("--max-history-chars", type=int, default=32_000)
+
+
+def _segment_cap(value: str) -> float | None:
+    """``--segment-cap``: seconds per character, or ``off``."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number or 'off'") from None
+    if not 0 < seconds <= 60:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0, 60]")
+    return seconds
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -187,6 +208,7 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
             admission=args.admission,
             max_batch=args.max_batch,
             pace_ahead_s=args.pace_ahead,
+            segment_cap_s_per_char=args.segment_cap,
             quantize=args.quantize,
             num_threads=args.engine_threads,
         ),

@@ -34,8 +34,9 @@ Synchronous model work: call it from a worker thread, never on the event loop.
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -94,6 +95,9 @@ class SnacStream:
     frames_in: int = 0
     samples_out: int = 0
     finished: bool = False
+    #: Seed of SNAC's noise for this utterance (None: a random one, drawn at its first use).
+    noise_seed: int | None = None
+    noise: dict[int, np.random.Generator] = field(default_factory=dict)  # per noise block
 
 
 @dataclass
@@ -170,9 +174,32 @@ def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     ``bias`` has ``x``'s dtype. With a narrower weight (bfloat16) ``x`` is cast for the GEMM
     and the product comes back widened, in the same pass as the bias when there is one."""
     if weight.dtype == x.dtype:
-        return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+        return _mm_rows(x, weight, bias)
     y = torch.mm(x.to(weight.dtype), weight)
     return y.to(x.dtype) if bias is None else torch.add(bias, y)  # promotes to bias's dtype
+
+
+#: Most rows of one float32 product with a large weight (see :func:`_mm_rows`).
+_BLOCK_ROWS = 128
+_LARGE_WEIGHT = 1 << 22
+
+
+def _mm_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight (+ bias)`` in float32 whose every row is the same however many rows the
+    call has, so a stream's samples do not depend on how its frames were split into runs or
+    on the rows batched with it (seeded audio reproduces bit for bit).
+
+    MKL's sgemm rounds differently for a single row (a matrix-vector path) and, for SNAC
+    24 kHz's first upsampler (1024 x 8192), from about 192 rows on (measured, one thread);
+    other sizes from 2 to 16,384 rows agree bit for bit. So a single row is computed as two
+    (a zero row added) and a large weight sees at most 128 rows per call: at most 32 frames
+    decoded at once, which the server's runs (8 frames at most) never exceed."""
+    n = x.shape[0]
+    if n == 1:
+        return _mm_rows(torch.cat((x, x.new_zeros(1, x.shape[1]))), weight, bias)[:1]
+    if n > _BLOCK_ROWS and weight.numel() >= _LARGE_WEIGHT:
+        return torch.cat([_mm_rows(b, weight, bias) for b in x.split(_BLOCK_ROWS)])
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 
 def _gemm_weight(w: Tensor, gemm_dtype: torch.dtype | None) -> Tensor:
@@ -196,16 +223,40 @@ class _Tanh(_Pointwise):
 
 
 class _Noise(_Pointwise):
-    """SNAC's NoiseBlock (``x + randn[t] * W x``); the identity while the codec's noise is off."""
+    """SNAC's NoiseBlock (``x + randn[t] * W x``); the identity while the codec's noise is off.
 
-    def __init__(self, module: torch.nn.Module, gemm_dtype: torch.dtype | None = None) -> None:
+    Each stream draws its own ``randn[t]`` from a generator of its own per noise block, seeded
+    by ``(stream.noise_seed, index)`` and advanced row by row in time order: a stream's noise
+    does not depend on how its frames were split into runs nor on the streams batched with
+    it, so a seeded utterance decodes to the same samples every time. (numpy's
+    ``standard_normal`` gives the same values drawn in one call or in pieces; torch's CPU
+    ``randn`` does not.)
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, gemm_dtype: torch.dtype | None = None, index: int = 0
+    ) -> None:
         self.linear = _Linear(module.linear, gemm_dtype)
+        self.index = index
 
-    def apply(self, x: Tensor, batch: _Batch) -> Tensor:
-        if not batch.noise:
-            return x
-        noise = torch.randn((x.shape[0], 1), dtype=x.dtype, device=x.device)
-        return torch.addcmul(x, noise, self.linear.apply(x, batch))
+    def run(self, xs: list[Tensor], batch: _Batch) -> list[Tensor]:
+        sizes = [x.shape[0] for x in xs]
+        if not batch.noise or sum(sizes) == 0:
+            return xs
+        rows = np.concatenate(
+            [self._rows(state, n) for state, n in zip(batch.states, sizes, strict=True)]
+        )
+        x = _pack(xs)
+        noise = torch.from_numpy(rows).to(device=x.device, dtype=x.dtype).unsqueeze(1)
+        return _split(torch.addcmul(x, noise, self.linear.apply(x, batch)), sizes)
+
+    def _rows(self, state: SnacStream, n: int) -> np.ndarray:
+        rng = state.noise.get(self.index)
+        if rng is None:
+            if state.noise_seed is None:
+                state.noise_seed = secrets.randbits(63)
+            rng = state.noise[self.index] = np.random.default_rng([state.noise_seed, self.index])
+        return rng.standard_normal(n, dtype=np.float32)
 
 
 def _as_nchw(x: Tensor) -> Tensor:
@@ -410,7 +461,10 @@ class SnacProgram:
     AVX512-BF16 alone).
 
     Batch invariance: in float32 a stream's samples do not depend on how its frames were split
-    into runs nor on the streams batched with it (bit for bit on the CPUs measured). In
+    into runs nor on the streams batched with it (bit for bit with one torch thread, the
+    codec's default: single-row products and the first upsampler's large ones are kept on
+    the row counts MKL rounds alike, see :func:`_mm_rows`). SNAC's noise is drawn per stream
+    from its ``noise_seed`` (:meth:`new_stream`), so that holds with noise on too. In
     bfloat16 on AMX they do, slightly: oneDNN's AMX GEMMs round a few outputs one bfloat16
     step differently depending on the rows in the call, and later layers carry that on
     (measured ~45 dB SNR between batched and separate runs: the size of the bfloat16 error
@@ -442,6 +496,7 @@ class SnacProgram:
         self.dtype = self.tables[0].dtype
         self.device = self.tables[0].device
         self._slots = 0
+        self._noise_blocks = 0
         self.ops = self._compile(list(model.decoder.model))
         #: Output samples by which the finished audio lags the frames pushed (right context).
         self.delay = self._delay(self.ops)
@@ -464,7 +519,8 @@ class SnacProgram:
             elif isinstance(m, classes["Snake1d"]):
                 ops.append(_Snake(m))
             elif isinstance(m, classes["NoiseBlock"]):
-                ops.append(_Noise(m, self._gemm_dtype))
+                self._noise_blocks += 1
+                ops.append(_Noise(m, self._gemm_dtype, index=self._noise_blocks))
             elif isinstance(m, torch.nn.ConvTranspose1d):
                 ops.append(self._slot(_ConvTranspose(m, self._gemm_dtype)))
             elif isinstance(m, torch.nn.Conv1d):
@@ -500,8 +556,8 @@ class SnacProgram:
                 self._init_slots(op.ops, slots)
 
     # -- running --------------------------------------------------------------------------
-    def new_stream(self) -> SnacStream:
-        """Fresh state for one utterance."""
+    def new_stream(self, noise_seed: int | None = None) -> SnacStream:
+        """Fresh state for one utterance; ``noise_seed`` seeds SNAC's noise (None: random)."""
         slots: list[Any] = [None] * self._slots
         self._init_slots(self.ops, slots)
         for i, s in enumerate(slots):
@@ -509,7 +565,7 @@ class SnacProgram:
                 slots[i] = s.to(device=self.device, dtype=self.dtype)
             elif isinstance(s, tuple):
                 slots[i] = (s[0].to(device=self.device, dtype=self.dtype), s[1])
-        return SnacStream(slots=slots)
+        return SnacStream(slots=slots, noise_seed=noise_seed)
 
     def latents(self, frames: Sequence[Frame]) -> Tensor:
         """Frames to SNAC latent rows (``[4 n, latent_dim]``): three table lookups."""
@@ -628,6 +684,16 @@ class ExactStreamingDecoder:
     def stream(self) -> SnacStream:
         """The program state of the current utterance."""
         return self._stream
+
+    def seed_noise(self, seed: int) -> None:
+        """Seed SNAC's noise for the current utterance: the same frames and seed then give
+        the same samples (in float32 bit for bit, however the frames arrive and whatever is
+        batched alongside; see :class:`SnacProgram` for bfloat16). Call before the
+        utterance's first decode; the next utterance (after :meth:`flush` or :meth:`reset`)
+        draws a random seed again unless seeded too."""
+        if self._stream.frames_in:
+            raise ValueError("seed_noise after the utterance started decoding")
+        self._stream.noise_seed = int(seed)
 
     def push(
         self, frames: Sequence[Sequence[int]], *, buffered_s: float | None = None

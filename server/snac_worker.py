@@ -61,6 +61,7 @@ class WorkerStream:
     frames_in: int = 0
     samples_out: int = 0
     finished: bool = False
+    noise_seed: int | None = None  # SNAC's noise seed, sent with every run (None: random)
     _release: Any = None  # weakref.finalize telling the child to drop the state
 
 
@@ -174,9 +175,10 @@ class SnacWorkerProgram:
         self.close()
 
     # -- streams ----------------------------------------------------------------------------
-    def new_stream(self) -> WorkerStream:
-        """Fresh state for one utterance (created in the child by its first run)."""
-        stream = WorkerStream(key=next(self._keys))
+    def new_stream(self, noise_seed: int | None = None) -> WorkerStream:
+        """Fresh state for one utterance (created in the child by its first run);
+        ``noise_seed`` seeds SNAC's noise (None: random)."""
+        stream = WorkerStream(key=next(self._keys), noise_seed=noise_seed)
         # An utterance abandoned before its final run (barge-in, a failed turn): the child
         # drops its state with the next run.
         stream._release = weakref.finalize(stream, self._released.append, stream.key)
@@ -214,7 +216,12 @@ class SnacWorkerProgram:
                 bool(getattr(self.codec, "noise", False)),
                 released,
                 [
-                    (s.key, np.asarray(frames, dtype=np.int16).reshape(-1).tobytes(), bool(final))
+                    (
+                        s.key,
+                        np.asarray(frames, dtype=np.int16).reshape(-1).tobytes(),
+                        bool(final),
+                        s.noise_seed,
+                    )
                     for s, frames, final in jobs
                 ],
             )
@@ -327,20 +334,20 @@ def _serve(conn: Connection, source: str, device: str, threads: int, precision: 
             streams.pop(key, None)
         codec.noise = noise
         batch = []
-        for key, codes, final in jobs:
+        for key, codes, final, noise_seed in jobs:
             stream = streams.get(key)
             if stream is None:
-                stream = streams[key] = program.new_stream()
+                stream = streams[key] = program.new_stream(noise_seed)
             frames = np.frombuffer(codes, dtype=np.int16).reshape(-1, FRAME_SIZE)
             batch.append((stream, frames, final))
         try:
             outs = program.run(batch)
         except Exception as exc:  # half-advanced states are of no use: drop them
-            for key, _, _ in jobs:
+            for key, *_ in jobs:
                 streams.pop(key, None)
             _report(conn, exc)
             continue
-        for key, _, final in jobs:
+        for key, _, final, _ in jobs:
             if final:
                 streams.pop(key, None)
         conn.send(("ok", outs))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +105,16 @@ class EngineConfig:
     halves int8's bytes per step (12-30% faster steps at 1-2 streams on the small demo model, no
     gain at 4, slower at 8: docs/architecture-engine.md, "int4 weights"); prefill chunks and the
     LM head slices stay int8. ``"none"`` (default) keeps the model's dtype.
+
+    ``segment_cap_s_per_char`` / ``segment_cap_base_s``: a segment may speak at most
+    ``base + s_per_char * units(text)`` seconds (:meth:`segment_frame_cap`); a segment that
+    reaches the cap before ``max_frames`` and without END_OF_SPEECH is closed like one that
+    reached ``max_frames`` (finish reason ``"text_cap"``). A speech LM that never says
+    END_OF_SPEECH (random weights; Orpheus now and then) otherwise talks noise up to
+    ``max_frames`` (43.7 s for "Hello there!"). The default, 2 s + 0.25 s per unit, is about
+    2.5x the slowest deliberate speech (~10 characters a second) plus room for pauses and tags.
+    A unit is a character; a digit counts 3 (a digit can be read as a word or two: "1999"),
+    a wide character (CJK: a syllable each) 2. ``segment_cap_s_per_char=None`` turns it off.
     """
 
     max_context: int = 8192
@@ -120,6 +132,16 @@ class EngineConfig:
     admission: AdmissionPolicy = "off"
     realtime_headroom: float = 0.7
     quantize: Quantize = "none"
+    segment_cap_s_per_char: float | None = 0.25
+    segment_cap_base_s: float = 2.0
+
+    def segment_frame_cap(self, text: str) -> int | None:
+        """Most frames a segment speaking ``text`` may have (None: no cap)."""
+        if self.segment_cap_s_per_char is None:
+            return None
+        units = sum(_speech_units(c) for c in text)
+        seconds = self.segment_cap_base_s + self.segment_cap_s_per_char * units
+        return max(1, math.ceil(seconds * _FRAMES_PER_SECOND))
 
     def __post_init__(self) -> None:
         if self.max_context < 16:
@@ -150,3 +172,22 @@ class EngineConfig:
             raise OutOfRangeError(f"quantize {self.quantize!r} is not 'none', 'int8' or 'int4'")
         if self.voice_cache_bytes < 0:
             raise OutOfRangeError("voice_cache_bytes is negative")
+        if self.segment_cap_s_per_char is not None and not 0 < self.segment_cap_s_per_char <= 60:
+            raise OutOfRangeError(
+                f"segment_cap_s_per_char {self.segment_cap_s_per_char} is outside (0, 60]"
+            )
+        if not 0 <= self.segment_cap_base_s <= 3600:
+            raise OutOfRangeError(
+                f"segment_cap_base_s {self.segment_cap_base_s} is outside 0..3600"
+            )
+
+
+#: SNAC 24 kHz frames per second of audio (2,048 samples each).
+_FRAMES_PER_SECOND = 24_000 / 2_048
+
+
+def _speech_units(c: str) -> int:
+    """How much speaking time a character may take, in units of one letter."""
+    if c.isdigit():
+        return 3
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1

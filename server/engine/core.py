@@ -51,13 +51,14 @@ from voxlane.server.orpheus import (
 from .config import EngineConfig, SamplingParams
 from .model import KVCache, StepModel
 from .sampling import EOS_INDEX, FrameSampler
+from .scripted import _float_linear
 from .voices import Voice, VoicePrefix, VoicePrefixStore
 
 __all__ = ["EngineCore", "FinishReason", "Finished", "Request", "SessionState", "StepStats"]
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["eos", "max_frames", "cancelled", "error"]
+FinishReason = Literal["eos", "max_frames", "text_cap", "cancelled", "error"]
 
 #: Seconds of audio one frame plays (2,048 samples at 24 kHz = 85.3 ms).
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
@@ -106,6 +107,7 @@ class Request:
     hidden: Tensor | None = None  # [D] final-norm hidden state predicting the next token
     prefill_hidden: Tensor | None = None  # kept for tests: predicts the first audio token
     sampler: FrameSampler | None = None
+    frame_limit: int = 0  # max_frames, or less by the text cap (EngineConfig.segment_frame_cap)
     codes: list[int] = field(default_factory=list)  # codes of the frame being built
     frames: int = 0
     steps: int = 0  # executed steps (prefill counts as one)
@@ -530,11 +532,14 @@ class EngineCore:
                 self._execute_step(req)  # starting or prefilling: its own forward
             except Exception as exc:  # this request only; the engine keeps serving
                 self._fail(req, exc)
-        logits = self._heads(ready)
+        # An abort drained while a later request prefilled may have finished a request that
+        # was already ready (its hidden state is gone): only live requests reach the heads.
+        ready = [req for req in ready if not req.done]
+        logits = self._heads_isolated(ready)
         decode: list[tuple[Request, int]] = []
         for req in ready:
             self._drain_aborts()
-            if req.done:
+            if req.done or req.id not in logits:
                 continue
             try:
                 token = self._sample_step(req, logits[req.id])
@@ -547,6 +552,21 @@ class EngineCore:
             self._decode(decode)
             if not other_work:
                 self.stats.record(len(decode), time.perf_counter() - started)
+
+    def _heads_isolated(self, reqs: list[Request]) -> dict[int, Tensor]:
+        """:meth:`_heads` of ``reqs``; if the batched call fails, each request alone, so a
+        failure fails only the request that causes it (the others' logits are returned)."""
+        try:
+            return self._heads(reqs)
+        except Exception:
+            log.debug("batched heads failed; retrying their requests one by one", exc_info=True)
+        out: dict[int, Tensor] = {}
+        for req in reqs:
+            try:
+                out.update(self._heads([req]))
+            except Exception as exc:
+                self._fail(req, exc)
+        return out
 
     def _heads(self, reqs: list[Request]) -> dict[int, Tensor]:
         """Legal-row logits of each request at its own frame position: one matmul per
@@ -581,7 +601,7 @@ class EngineCore:
         for position, group in groups.items():
             hidden = torch.stack([req.hidden for req in group])  # type: ignore[misc]
             logits = self._rows[position](hidden)  # [n, 4096]
-            eos = hidden @ self._eos_row.T if position == 0 else None  # [n, 1]
+            eos = _float_linear(hidden, self._eos_row) if position == 0 else None  # [n, 1]
             for i, req in enumerate(group):
                 if eos is not None and req.frames > 0:
                     out[req.id] = torch.cat((logits[i], eos[i]))  # [4097]
@@ -640,16 +660,25 @@ class EngineCore:
         every stream gets its turn as it falls behind (fair by deadline).
         """
         ready: list[Request] = []
-        for state in self.sessions.values():
+        now = self.clock()
+        ahead: dict[int, float] = {}
+        for state in list(self.sessions.values()):
             if state.active is None and state.queue:
                 state.active = state.queue.popleft()
-            if state.active is not None and not self._paused(state.active):
-                ready.append(state.active)
+            req = state.active
+            if req is None:
+                continue
+            try:  # the flow-control hints are the caller's callbacks: a raise is this request's
+                if self._paused(req):
+                    continue
+                ahead[req.id] = req.ahead(now)
+            except Exception as exc:
+                self._fail(req, exc)
+                continue
+            ready.append(req)
         ready = self._admit(ready)
         if len(ready) < 2:
             return ready
-        now = self.clock()
-        ahead = {req.id: req.ahead(now) for req in ready}
         ready.sort(key=lambda r: ahead[r.id])  # stable: ties keep session order
         limit = self.config.yield_ahead_s
         if limit is not None and ahead[ready[0].id] < limit:
@@ -710,8 +739,9 @@ class EngineCore:
         position = len(req.codes)
         hidden = req.hidden
         assert hidden is not None and state.cache is not None and req.sampler is not None
-        if position == 0 and req.frames >= req.params.max_frames:
-            self._close_segment(req, "max_frames")
+        if position == 0 and req.frames >= req.frame_limit:
+            capped = req.frame_limit < req.params.max_frames
+            self._close_segment(req, "text_cap" if capped else "max_frames")
             return None
         index = req.sampler.sample(logits, position)
         if index == EOS_INDEX:
@@ -734,11 +764,13 @@ class EngineCore:
         state = req.session
         self._prepare(state)
         req.prompt = state.voice.prompt(self.encode, req.text)
-        needed = len(req.prompt) + FRAME_SIZE * req.params.max_frames + 2
+        cap = self.config.segment_frame_cap(req.text)
+        req.frame_limit = req.params.max_frames if cap is None else min(cap, req.params.max_frames)
+        needed = len(req.prompt) + FRAME_SIZE * req.frame_limit + 2
         capacity = state.cache.capacity
         if state.prefix_len + needed > capacity:
             raise ContextOverflowError(
-                f"a segment of {len(req.prompt)} prompt tokens and up to {req.params.max_frames}"
+                f"a segment of {len(req.prompt)} prompt tokens and up to {req.frame_limit}"
                 f" frames ({needed} tokens) does not fit max_context {capacity}"
                 f" after a voice prefix of {state.prefix_len}: lower max_frames or raise"
                 " max_context"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ from voxlane.server.orpheus import Frame, TextEncoder
 from .config import EngineConfig, SamplingParams
 from .core import EngineCore, Finished, FinishReason, Request, SessionState
 from .model import StepModel
+from .sampling import segment_seed
 from .voices import Voice
 
 __all__ = ["FrameStream", "Session", "SpeechEngine", "SpeechLMLike"]
@@ -61,16 +63,20 @@ class _Progress:
 class FrameStream:
     """Async iterator over the frames of one segment.
 
-    Ends normally on END_OF_SPEECH or ``max_frames`` (see :attr:`finish_reason`); raises
+    Ends normally on END_OF_SPEECH, ``max_frames`` or the text cap
+    (``EngineConfig.segment_frame_cap``; see :attr:`finish_reason`); raises
     :class:`~voxlane.errors.EngineError` if the engine failed on this segment.
     """
 
-    def __init__(self, engine: SpeechEngine, request_id: int) -> None:
+    def __init__(self, engine: SpeechEngine, request_id: int, seed: int | None = None) -> None:
         self._engine = engine
         self.request_id = request_id
+        #: This segment's seed (from ``SamplingParams.seed`` and the segment's index in its
+        #: session), None when unseeded: SNAC's noise is seeded with it too (the pipeline).
+        self.seed = seed
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._done = False
-        #: ``"eos" | "max_frames" | "cancelled" | "error"`` once the stream ended.
+        #: ``"eos" | "max_frames" | "text_cap" | "cancelled" | "error"`` once it ended.
         self.finish_reason: FinishReason | None = None
         self.frames = 0
         self._progress = _Progress()
@@ -134,6 +140,7 @@ class Session:
         self._state = state
         self.voice = state.voice
         self.closed = False
+        self._segments = 0  # generate() calls: the index of the next segment
 
     @property
     def id(self) -> int:
@@ -148,6 +155,9 @@ class Session:
     ) -> FrameStream:
         """Speak ``text`` after this session's earlier segments (queued behind them).
 
+        With ``params.seed``, segment ``i`` of the session samples with
+        ``segment_seed(seed, i)``: the same texts in the same order give the same frames.
+
         ``playback`` (optional, called from the engine thread): seconds of audio the listener
         holds unplayed, or None when unknown; the engine schedules by it (most behind first).
 
@@ -158,7 +168,13 @@ class Session:
         engine = self._engine
         engine._check_running()
         loop = asyncio.get_running_loop()
-        stream = FrameStream(engine, engine._core.next_id())
+        params = params or SamplingParams()
+        seed = None
+        if params.seed is not None:  # reproducible, and each segment with draws of its own
+            seed = segment_seed(params.seed, self._segments)
+            params = dataclasses.replace(params, seed=seed)
+        self._segments += 1
+        stream = FrameStream(engine, engine._core.next_id(), seed)
 
         def emit(item: object) -> None:  # engine thread
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
@@ -168,7 +184,7 @@ class Session:
             id=stream.request_id,
             session=self._state,
             text=text,
-            params=params or SamplingParams(),
+            params=params,
             emit=emit,
             consumed=stream._progress.read,
             playback=playback,

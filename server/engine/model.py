@@ -34,7 +34,7 @@ from voxlane.errors import ContextOverflowError, EngineError, ModelFormatError
 
 from . import native
 from .config import Quantize
-from .scripted import _attend, _int4, _int8, _rotate_half
+from .scripted import _attend, _float_linear, _int4, _int8, _rotate_half
 from .scripted import _rms as _rms_norm
 
 __all__ = ["Int4Linear", "Int8Kernel", "Int8Linear", "KVCache", "StepModel"]
@@ -247,7 +247,7 @@ _Weight = Tensor | Int8Linear | Int4Linear
 
 
 def _linear(x: Tensor, w: _Weight) -> Tensor:
-    return F.linear(x, w) if isinstance(w, Tensor) else w(x)
+    return _float_linear(x, w) if isinstance(w, Tensor) else w(x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -584,7 +584,7 @@ class StepModel:
             if kernel is None and self._native is None and _fbgemm_available():
                 kernel = "fbgemm"  # what the scripted heads run (EngineCore._script_heads)
             return Int8Linear(rows, kernel)
-        return functools.partial(F.linear, weight=rows)
+        return functools.partial(_float_linear, w=rows)  # a row alone: as in a batch
 
     # -- per-layer pieces shared by forward and decode_batch ---------------------------------
     def _qkv(self, i: int, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:

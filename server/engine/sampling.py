@@ -19,10 +19,25 @@ from voxlane.server.orpheus import CODEBOOK_SIZE, Frame
 
 from .config import SamplingParams
 
-__all__ = ["EOS_INDEX", "FrameSampler"]
+__all__ = ["EOS_INDEX", "FrameSampler", "segment_seed"]
 
 #: Index of END_OF_SPEECH in the sampler's logits when it is legal (after the 4,096 codes).
 EOS_INDEX = CODEBOOK_SIZE
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def segment_seed(seed: int, index: int) -> int:
+    """The seed of segment ``index`` of a stream seeded with ``seed`` (a 63-bit integer).
+
+    Each segment gets its own random sequence (the same seed for every segment would replay
+    the same draws in each), and the same ``(seed, index)`` always gives the same one, in any
+    process (SplitMix64's finaliser; Python's ``hash`` is salted per process)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
 class FrameSampler:

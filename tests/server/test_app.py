@@ -611,10 +611,11 @@ async def test_turn_errors_are_reported_and_the_session_survives(
 ) -> None:
     server = await start_server()
     async with connect(server) as client:
-        # 2,048 frames cannot fit the test engine's 4,096-token context: the engine refuses
-        # the segment, the turn ends with a typed error.
+        # 2,048 frames cannot fit the test engine's 4,096-token context, nor can the 756 a
+        # segment of 250 characters may take (the text cap): the engine refuses the segment,
+        # the turn ends with a typed error.
         await configure(client, sampling={"max_frames": 2048})
-        result = await client.speak("big", "Too long.")
+        result = await client.speak("big", "Too long " * 28)
         assert [e.type for e in result.events] == [
             "turn.started",
             "turn.mark",

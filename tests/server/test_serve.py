@@ -39,6 +39,7 @@ def test_defaults_decode_in_a_child_with_one_thread(
         assert program.threads == 1
         assert program.precision == ("bfloat16" if amx else "float32")
         assert service.engine.config.pace_ahead_s is None  # no pacing unless asked
+        assert service.engine.config.segment_cap_s_per_char == 0.25  # the text cap is on
         # The LM gets the cores the codec does not use.
         assert service.engine.config.num_threads == max(1, (os.cpu_count() or 2) - 1)
     finally:
@@ -62,6 +63,8 @@ def test_codec_flags_choose_a_thread_and_bf16(
         "1",
         "--pace-ahead",
         "1.5",
+        "--segment-cap",
+        "off",
     )
     service = build_server(args).service
     try:
@@ -69,5 +72,7 @@ def test_codec_flags_choose_a_thread_and_bf16(
         assert type(program) is SnacProgram and program.precision == "bfloat16"
         assert service.engine.config.num_threads == 1
         assert service.engine.config.pace_ahead_s == 1.5
+        assert service.engine.config.segment_cap_s_per_char is None
+        assert service.engine.config.segment_frame_cap("Hello there!") is None
     finally:
         asyncio.run(service.aclose())

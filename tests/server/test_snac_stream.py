@@ -502,3 +502,77 @@ def test_bf16_supported_needs_bf16_matrix_hardware(monkeypatch: pytest.MonkeyPat
     assert bf16_supported("cpu") is False
     monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older torch cannot tell
     assert bf16_supported() is False
+
+
+@pytest.fixture(scope="module")
+def real_program(demo_snac_dir: Path) -> Iterator[SnacProgram]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the codec's default (SpeechService)
+    yield SnacProgram(load_snac(demo_snac_dir, noise=False))
+    torch.set_num_threads(threads)
+
+
+def _decode(program: SnacProgram, frames: list, sizes: list[int], **companion: Any) -> np.ndarray:
+    """``frames`` decoded in runs of ``sizes`` frames; with ``other=`` frames, a second stream
+    (``other_sizes``) rides in the same runs. Seeds: ``seed`` and ``other_seed``."""
+    stream = program.new_stream(noise_seed=companion.get("seed"))
+    other = companion.get("other")
+    mate = program.new_stream(noise_seed=companion.get("other_seed"))
+    out, i, j = [], 0, 0
+    for k, n in enumerate(sizes):
+        jobs = [(stream, frames[i : i + n], i + n >= len(frames))]
+        if other is not None:
+            m = companion["other_sizes"][k % len(companion["other_sizes"])]
+            jobs.append((mate, other[j : j + m], False))
+            j += m
+        out.append(program.run(jobs)[0])
+        i += n
+    return np.concatenate(out)
+
+
+def test_float32_samples_do_not_depend_on_how_the_frames_arrive(real_program) -> None:
+    # Issue 22 item 2: MKL rounds a one-row product (and, for the first upsampler, products of
+    # 192 rows and more) differently, so a stream pushed frame by frame drifted from one
+    # decoded at once (~134 dB): same seed, not the same samples over the socket.
+    frames, other = _frames(40, 8), _frames(60, 9)
+    whole = _decode(real_program, frames, [40])  # 160 rows into the first upsampler
+    assert np.array_equal(_decode(real_program, frames, [1] * 40), whole)
+    mixed = [1, 2, 3, 5, 8, 1, 4, 7, 9]
+    assert np.array_equal(_decode(real_program, frames, mixed), whole)
+    batched = _decode(real_program, frames, mixed, other=other, other_sizes=[1, 3, 2])
+    assert np.array_equal(batched, whole)
+
+
+def test_seeded_noise_gives_the_same_samples_however_the_frames_arrive(real_program) -> None:
+    # SNAC's noise blocks add randn * W x at inference: each stream draws its own noise, per
+    # block and row, from its seed, so neither run sizes nor streams alongside change it.
+    codec = real_program.codec
+    frames, other = _frames(24, 8), _frames(40, 9)
+    codec.noise = True
+    try:
+        whole = _decode(real_program, frames, [24], seed=5)
+        ones = _decode(real_program, frames, [1] * 24, seed=5)
+        mixed = [1, 2, 3, 5, 8, 5]
+        batched = _decode(
+            real_program, frames, mixed, seed=5, other=other, other_sizes=[2, 1], other_seed=6
+        )
+        reseeded = _decode(real_program, frames, [24], seed=6)
+        unseeded = [_decode(real_program, frames, [24]) for _ in range(2)]
+    finally:
+        codec.noise = False
+    quiet = _decode(real_program, frames, [24])
+    assert np.array_equal(ones, whole) and np.array_equal(batched, whole)
+    # The noise is there (not switched off by the seed), and another seed is other noise.
+    assert _snr_db(whole, quiet) < 40 and _snr_db(reseeded, whole) < 40
+    assert not np.array_equal(unseeded[0], unseeded[1])  # unseeded streams: fresh noise
+
+
+def test_the_decoder_seeds_its_utterance_only(real_program) -> None:
+    decoder = ExactStreamingDecoder(real_program)
+    decoder.seed_noise(11)
+    assert decoder.stream.noise_seed == 11
+    decoder.push(_frames(8, 1))  # decodes: too late to seed this utterance now
+    with pytest.raises(ValueError, match="started"):
+        decoder.seed_noise(12)
+    decoder.flush()
+    assert decoder.stream.noise_seed is None  # the next utterance: random unless seeded

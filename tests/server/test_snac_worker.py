@@ -117,6 +117,25 @@ def test_noise_follows_the_parent_codec(worker: SnacWorkerProgram, codec: SnacCo
     np.testing.assert_array_equal(worker.run([(worker.new_stream(), frames, True)])[0], quiet)
 
 
+def test_a_seeded_stream_has_the_same_noise_in_the_child(
+    worker: SnacWorkerProgram, local: SnacProgram, codec: SnacCodec
+) -> None:
+    # Issue 22 item 2: the seed travels with the stream to the child, which draws the noise
+    # exactly as the in-process program does (the parent's codec says whether noise is on).
+    frames = _frames(6, 3)
+    codec.noise = True
+    try:
+        here = local.run([(local.new_stream(noise_seed=21), frames, True)])[0]
+        child = worker.new_stream(noise_seed=21)
+        got = [worker.run([(child, frames[:2], False)])[0]]
+        got.append(worker.run([(child, frames[2:], True)])[0])
+        unseeded = worker.run([(worker.new_stream(), frames, True)])[0]
+    finally:
+        codec.noise = False
+    np.testing.assert_array_equal(np.concatenate(got), here)
+    assert not np.array_equal(unseeded, here)
+
+
 async def test_decoders_and_the_batcher_run_through_the_child(
     worker: SnacWorkerProgram, codec: SnacCodec
 ) -> None:

@@ -8,8 +8,9 @@ import weakref
 import pytest
 import torch
 
-from voxlane.errors import ContextOverflowError, EngineError
+from voxlane.errors import ContextOverflowError, EngineError, OutOfRangeError
 from voxlane.server.engine import Voice
+from voxlane.server.engine.core import FRAME_SECONDS
 from voxlane.server.orpheus import END_OF_AI, END_OF_SPEECH
 
 REFERENCE = [tuple((i * 7 + p) % 4096 for p in range(7)) for i in range(30)]
@@ -257,3 +258,44 @@ def test_session_caches_grow_on_demand_and_decode_the_same(kit, tiny_model) -> N
     assert cache.allocated == 40 and cache.capacity == 64  # doubling gives 16; 40 asked
     with pytest.raises(ContextOverflowError):
         cache.reserve(65)
+
+
+def test_a_segment_the_lm_does_not_end_stops_at_its_text_cap(kit, tiny_model) -> None:
+    # Issue 22 item 11: random weights (like Orpheus now and then) never say END_OF_SPEECH,
+    # so "Hi!" used to run to max_frames. The cap (2 s + 0.25 s per character by default)
+    # closes the segment in the context like max_frames does, with its own reason.
+    voice = Voice.builtin("tara")
+    core = kit.make_core(tiny_model)
+    cap = core.config.segment_frame_cap("Hi!")
+    assert cap == 33  # 2.75 s of audio at 85.3 ms a frame
+    state = core.new_session(voice)
+    req, sink = kit.submit(core, state, "Hi!", max_frames=100, seed=1)
+    kit.run_until_done(core, req)
+    assert sink.finished.reason == "text_cap" and len(sink.frames) == cap
+    assert state.tokens[-2:] == [END_OF_SPEECH, END_OF_AI] and state.segments  # kept, closed
+    # A lower max_frames still ends it first; with the cap off, max_frames is the only bound.
+    req, sink = kit.submit(core, core.new_session(voice), "Hi!", max_frames=20, seed=1)
+    kit.run_until_done(core, req)
+    assert sink.finished.reason == "max_frames" and len(sink.frames) == 20
+    off = kit.make_core(tiny_model, segment_cap_s_per_char=None, max_frames_ahead=None)
+    req, sink = kit.submit(off, off.new_session(voice), "Hi!", max_frames=100, seed=1)
+    kit.run_until_done(off, req)
+    assert sink.finished.reason == "max_frames" and len(sink.frames) == 100
+
+
+def test_the_text_cap_grows_with_what_the_text_takes_to_say(kit, tiny_model) -> None:
+    from voxlane.server.engine import EngineConfig
+
+    config = EngineConfig()
+    seconds = [config.segment_frame_cap(t) * FRAME_SECONDS for t in ("", "abcd", "1999", "你好")]
+    assert seconds[0] == pytest.approx(2.0, abs=FRAME_SECONDS)  # the base: pauses, a breath
+    assert seconds[1] == pytest.approx(3.0, abs=FRAME_SECONDS)  # 0.25 s per letter
+    assert seconds[2] == pytest.approx(5.0, abs=FRAME_SECONDS)  # a digit may be a word or two
+    assert seconds[3] == pytest.approx(3.0, abs=FRAME_SECONDS)  # a wide character: a syllable
+    # "Hello there!": 5 s at most, not the 43.7 s of max_frames 512.
+    assert config.segment_frame_cap("Hello there!") * FRAME_SECONDS < 5.1
+    assert EngineConfig(segment_cap_s_per_char=None).segment_frame_cap("Hello") is None
+    with pytest.raises(OutOfRangeError):
+        EngineConfig(segment_cap_s_per_char=0)
+    with pytest.raises(OutOfRangeError):
+        EngineConfig(segment_cap_base_s=-1)

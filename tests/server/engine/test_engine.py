@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 
 import pytest
@@ -81,7 +82,8 @@ async def test_closing_the_stream_early_cancels(engine) -> None:
 
 async def test_errors_reach_their_request_only(engine) -> None:
     session = engine.open_session(engine.builtin_voice("tara"))
-    too_long = session.generate("x", SamplingParams(max_frames=10_000))
+    # 300 characters may take 77 s (the text cap): 900 frames do not fit 1,024 slots.
+    too_long = session.generate("word " * 60, SamplingParams(max_frames=10_000))
     with pytest.raises(ContextOverflowError):
         [f async for f in too_long]
     assert too_long.finish_reason == "error"
@@ -129,3 +131,59 @@ async def test_a_consumer_that_stops_reading_pauses_only_its_own_request(tiny_lm
         assert len(frames_slow) == 12 and slow.finish_reason == "max_frames"
     finally:
         await eng.aclose()
+
+
+async def test_a_storm_of_cancelled_turns_fails_nothing(tiny_lm, caplog) -> None:
+    # Issue 22 item 1: turns started and cancelled shortly after start across five sessions
+    # (the server's pattern: one engine session per turn), admission off. Cancels land at
+    # every point of a step (queued, prefilling, ready, sampling); none may fail a request.
+    eng = SpeechEngine(tiny_lm, EngineConfig(max_context=1024, num_threads=1, admission="off"))
+    eng.start()
+    voice = eng.builtin_voice("tara")
+    reasons: list[str | None] = []
+
+    async def client(c: int) -> None:
+        for i in range(40):
+            session = eng.open_session(voice)
+            stream = session.generate(f"turn {i} of client {c}", SamplingParams(max_frames=100))
+            for _ in range((i + c) % 3):  # cancel before the first frame, after one, after two
+                with contextlib.suppress(StopAsyncIteration):
+                    await anext(stream)
+            await asyncio.sleep(0.001 * ((i * 7 + c) % 4))
+            stream.cancel()
+            reasons.append(stream.finish_reason)
+            session.close()
+
+    try:
+        await asyncio.gather(*(client(c) for c in range(5)))
+        check = eng.open_session(voice)  # a turn after the storm is still served
+        last = check.generate("still fine", SamplingParams(max_frames=2, seed=1))
+        assert len([f async for f in last]) == 2
+        check.close()
+    finally:
+        await eng.aclose()
+    assert len(reasons) == 200 and set(reasons) <= {"cancelled", "eos", "max_frames"}
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_each_segment_of_a_seeded_session_has_a_seed_of_its_own(engine) -> None:
+    # The same seed for every segment replayed the same random draws in each; segment i now
+    # samples with segment_seed(seed, i), the same in every run (and its SNAC noise with it).
+    from voxlane.server.engine.sampling import segment_seed
+
+    voice = engine.builtin_voice("tara")
+    runs = []
+    for _ in range(2):
+        session = engine.open_session(voice, window_segments=0)  # segments stand alone
+        streams = [session.generate("same", SamplingParams(max_frames=3, seed=4)) for _ in "ab"]
+        runs.append([[f async for f in streams[0]], [f async for f in streams[1]]])
+        assert [s.seed for s in streams] == [segment_seed(4, 0), segment_seed(4, 1)]
+        session.close()
+    assert runs[0] == runs[1]  # reproducible
+    assert runs[0][0] != runs[0][1]  # same text, no shared context: other draws
+    assert len({segment_seed(s, i) for s in range(50) for i in range(50)}) == 2500
+    assert all(0 <= segment_seed(2**32 - 1, i) < 2**63 for i in range(10))
+    unseeded = engine.open_session(voice)
+    stream = unseeded.generate("x", SamplingParams(max_frames=1))
+    assert stream.seed is None and len([f async for f in stream]) == 1
+    unseeded.close()
