@@ -103,9 +103,11 @@ def _float_linear(x: Tensor, w: Tensor) -> Tensor:
     2, zero-padded: the same call shape for every row, so a seeded stream gives the same
     frames alone or batched. 2 because a 2-row product costs what one row does here (0.53
     vs 0.60 ms at 512 x 4096, one thread), where 4 rows cost 1.2 ms and 8 rows 1.9 ms; a
-    batch pays one call per pair of rows. Larger products (prefill chunks) are one call."""
+    batch pays one call per pair of rows. Larger products (prefill chunks) are one call.
+    CPU only: on a GPU one call per pair of rows would cost a kernel launch each, so there
+    a seeded stream is reproducible alone but may part from the same stream batched."""
     n = x.numel() // x.shape[-1]
-    if n > 64:
+    if n > 64 or x.device.type != "cpu":
         return F.linear(x, w)
     block = 2  # any fixed count gave the same bits at every row position (64-3,072 wide)
     rows = x.reshape(n, x.shape[-1])

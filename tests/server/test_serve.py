@@ -29,21 +29,35 @@ def test_defaults_decode_in_a_child_with_one_thread(
     monkeypatch: pytest.MonkeyPatch,
     amx: bool,
 ) -> None:
-    # The default precision follows the host: bf16 GEMMs only where they are faster (AMX).
+    # The default precision is float32 on every host (exact: seeded turns reproduce bit for
+    # bit); auto follows the host, bf16 GEMMs only where they are faster (AMX).
     monkeypatch.setattr(snac_stream, "bf16_supported", lambda device="cpu": amx)
     server = build_server(_args("--demo", "tiny", "--demo-root", str(demo_root), "--no-auth"))
     service = server.service
+    auto = build_server(
+        _args(
+            "--demo",
+            "tiny",
+            "--demo-root",
+            str(demo_root),
+            "--no-auth",
+            "--codec-precision",
+            "auto",
+        )
+    ).service
     try:
+        assert auto.snac_program.precision == ("bfloat16" if amx else "float32")
         program = service.snac_program
         assert isinstance(program, SnacWorkerProgram)
         assert program.threads == 1
-        assert program.precision == ("bfloat16" if amx else "float32")
+        assert program.precision == "float32"
         assert service.engine.config.pace_ahead_s is None  # no pacing unless asked
         assert service.engine.config.segment_cap_s_per_char == 0.25  # the text cap is on
         # The LM gets the cores the codec does not use.
         assert service.engine.config.num_threads == max(1, (os.cpu_count() or 2) - 1)
     finally:
         asyncio.run(service.aclose())
+        asyncio.run(auto.aclose())
 
 
 def test_codec_flags_choose_a_thread_and_bf16(
