@@ -17,13 +17,19 @@ user runs; the clients are raw WebSocket clients in this process. Phases, in ord
   audio beside the stuck client minus the median alone (both alone runs pooled), in one run.
   ``stuck_client_close_code`` is how the server closed the stuck client (4008 expected): it
   reads nothing until the server's send timeout (``--send-timeout``, 20 s by default) and 5 s
-  more have passed, then reads what was buffered up to the close (None: still open).
+  more have passed, then reads what was buffered up to the close (None: still open);
+  ``stuck_client_errors`` are the errors it was sent (``overloaded``: it never got stuck).
+  ``normal_turns_not_completed`` says how the normal client's other turns ended.
 - **cancel storm**: ``--cancels`` turns over ``--storm-sessions`` sessions, each cancelled at
   once, after ``turn.started`` or after its first audio (in turn). ``engine_failures_cancel_storm``
-  counts ``engine_error`` messages plus the server's own ``engine_error`` counter
-  (``/metrics``) over the storm; ``cancels_unacked`` (no ``turn.cancelled`` before
-  ``turn.done``) and ``audio_after_cancel_ack`` (frames or marks of a turn after its ack) must
-  be 0. The issue's target counts 1,000 cancelled turns: ``--cancels 1000``.
+  is the number of ``engine_error`` messages the clients got (or the growth of the server's own
+  ``engine_error`` counter over the storm, if larger); ``cancels_unacked`` (``turn.done``
+  ``cancelled`` without ``turn.cancelled`` first) and ``audio_after_cancel_ack`` (frames or
+  marks of a turn after its ack) must be 0. ``cancelled_turns`` is how many ended cancelled;
+  ``cancel_turns_ended_otherwise`` says how the others ended (refused as ``overloaded``, say),
+  ``cancel_storm_hung_turns`` counts turns with no message for 60 s. A session the server
+  closes (1008 after too many late cancels) is replaced. The issue's target counts 1,000
+  cancelled turns: ``--cancels 1000``.
 - **reproducibility**: the same text, voice and seed on fresh sessions, one after the other
   and then two at once beside a third stream: ``same_seed_same_samples`` (alone, bit-exact)
   and ``same_seed_max_lsb_concurrent`` (largest int16 difference when batched with others).
@@ -238,6 +244,8 @@ async def _stuck(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
     await _configure(normal, sampling={"max_frames": args.frames, "seed": args.seed})
     n = 0
 
+    failed: dict[str, int] = {}
+
     async def turns() -> list[float]:
         nonlocal n
         out = []
@@ -246,6 +254,9 @@ async def _stuck(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
             r = await _turn(normal, f"n{n}")
             if r["reason"] == "completed" and r["first_audio_s"] is not None:
                 out.append(r["first_audio_s"])
+            else:
+                why = r["reason"] + "".join(f" ({e})" for e in r["errors"])
+                failed[why] = failed.get(why, 0) + 1
         return out
 
     await turns()  # warm-up
@@ -274,9 +285,12 @@ async def _stuck(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
     # unblock its sends. Then the buffered audio, and the close frame behind it.
     await asyncio.sleep(max(0.0, t_stuck + serve.send_timeout_s + 5.0 - time.perf_counter()))
     code = None
+    stuck_errors: list[str] = []  # an "overloaded" here: the stuck turn never ran at all
     try:
         while True:
-            await asyncio.wait_for(stuck.recv(), 10)
+            message = await asyncio.wait_for(stuck.recv(), 10)
+            if isinstance(message, str) and json.loads(message)["type"] == "error":
+                stuck_errors.append(json.loads(message)["code"])
     except asyncio.TimeoutError:
         pass  # still open
     except Exception:
@@ -293,53 +307,98 @@ async def _stuck(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
         "first_audio_beside_stuck_s": _p(beside, 0.5),
         "turns_completed_beside_stuck": f"{completed_beside}/{args.stuck_turns}",
         "stuck_client_close_code": code,
+        "stuck_client_errors": stuck_errors,
+        "normal_turns_not_completed": failed,
     }
 
 
 async def _storm(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
     before = await serve.metric('voxlane_errors_total{code="engine_error"}')
-    counts = {"engine_error_messages": 0, "unacked": 0, "after_ack": 0, "not_cancelled": 0}
+    counts = dict.fromkeys(
+        [
+            "engine_error_messages",
+            "unacked",
+            "after_ack",
+            "hung",
+            "cancelled",
+        ],
+        0,
+    )
     other_errors: dict[str, int] = {}
+    ended: dict[str, int] = {}  # turns that ended without being cancelled, by reason
     per = [args.cancels // args.storm_sessions] * args.storm_sessions
     per[0] += args.cancels - sum(per)
 
+    def error(data: dict[str, Any]) -> None:
+        if data["code"] == "engine_error":
+            counts["engine_error_messages"] += 1
+        else:
+            other_errors[data["code"]] = other_errors.get(data["code"], 0) + 1
+
+    async def cancel_one(ws: Any, turn_id: str, when: int) -> None:
+        """Start a turn, cancel it at point ``when`` (0 at once, 1 after turn.started, 2
+        after its first audio), read up to its turn.done."""
+        start = {"type": "turn.start", "turn_id": turn_id, "text": TEXT, "end": True}
+        await ws.send(json.dumps(start))
+        while when:
+            message = await asyncio.wait_for(ws.recv(), 60)
+            if isinstance(message, bytes):
+                when = 0 if when == 2 else when
+                continue
+            data = json.loads(message)
+            if data["type"] == "error":
+                error(data)
+            elif data["type"] == "turn.started" and when == 1:
+                when = 0
+            elif data["type"] == "turn.done" and data["turn_id"] == turn_id:
+                why = f"{data['reason']} before the cancel"  # refused, or no audio at all
+                ended[why] = ended.get(why, 0) + 1
+                return
+        await ws.send(json.dumps({"type": "turn.cancel", "turn_id": turn_id}))
+        acked = False
+        codes: list[str] = []
+        while True:
+            message = await asyncio.wait_for(ws.recv(), 60)
+            if isinstance(message, bytes):
+                counts["after_ack"] += acked
+                continue
+            data = json.loads(message)
+            kind = data["type"]
+            if kind == "error":
+                error(data)
+                codes.append(data["code"])
+            elif kind == "turn.cancelled":
+                acked = True
+            elif kind == "turn.done" and data["turn_id"] == turn_id:
+                if data["reason"] == "cancelled":
+                    counts["cancelled"] += 1
+                    counts["unacked"] += not acked  # the protocol promises the ack first
+                else:  # it ended before the cancel arrived (refused, say): no cancel to ack
+                    why = data["reason"] + "".join(f" ({c})" for c in codes)
+                    ended[why] = ended.get(why, 0) + 1
+                return
+            elif acked and data.get("turn_id") == turn_id:
+                counts["after_ack"] += 1
+
     async def storm(s: int, turns: int) -> None:
-        ws = await _connect(serve.url)
-        await _configure(ws, sampling={"max_frames": 300, "seed": args.seed + s})
-        for k in range(turns):
-            turn_id = f"s{s}-{k}"
-            start = {"type": "turn.start", "turn_id": turn_id, "text": TEXT, "end": True}
-            await ws.send(json.dumps(start))
-            when = k % 3
-            while when:
-                message = await asyncio.wait_for(ws.recv(), 300)
-                if when == 1 and isinstance(message, str):
-                    when = 0 if json.loads(message)["type"] == "turn.started" else 1
-                elif when == 2 and isinstance(message, bytes):
-                    when = 0
-            await ws.send(json.dumps({"type": "turn.cancel", "turn_id": turn_id}))
-            acked = False
-            while True:
-                message = await asyncio.wait_for(ws.recv(), 300)
-                if isinstance(message, bytes):
-                    counts["after_ack"] += acked
-                    continue
-                data = json.loads(message)
-                kind = data["type"]
-                if kind == "error":
-                    if data["code"] == "engine_error":
-                        counts["engine_error_messages"] += 1
-                    else:
-                        other_errors[data["code"]] = other_errors.get(data["code"], 0) + 1
-                elif kind == "turn.cancelled":
-                    acked = True
-                elif kind == "turn.done" and data["turn_id"] == turn_id:
-                    counts["unacked"] += not acked
-                    counts["not_cancelled"] += data["reason"] != "cancelled"
-                    break
-                elif acked and data.get("turn_id") == turn_id:
-                    counts["after_ack"] += 1
-        await ws.close()
+        k = 0
+        while k < turns:
+            # A session closed under the storm (1008 after too many late cancels of refused
+            # turns, say) is replaced; a turn that hangs (60 s without a message) is counted.
+            ws = await _connect(serve.url)
+            try:
+                await _configure(ws, sampling={"max_frames": 300, "seed": args.seed + s})
+                while k < turns:
+                    k += 1
+                    await cancel_one(ws, f"s{s}-{k}", k % 3)
+            except asyncio.TimeoutError:
+                counts["hung"] += 1
+            except Exception as exc:  # websockets' ConnectionClosed
+                code = getattr(getattr(exc, "rcvd", None), "code", None)
+                key = f"session closed {code}"
+                other_errors[key] = other_errors.get(key, 0) + 1
+            finally:
+                await ws.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(storm(s, n) for s, n in enumerate(per)))
@@ -347,10 +406,12 @@ async def _storm(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
     after = await serve.metric('voxlane_errors_total{code="engine_error"}')
     return {
         "engine_failures_cancel_storm": max(counts["engine_error_messages"], int(after - before)),
-        "cancelled_turns": args.cancels,
+        "cancelled_turns": counts["cancelled"],
+        "cancel_turns_requested": args.cancels,
         "cancels_unacked": counts["unacked"],
         "audio_after_cancel_ack": counts["after_ack"],
-        "cancel_turns_not_cancelled": counts["not_cancelled"],
+        "cancel_turns_ended_otherwise": ended,
+        "cancel_storm_hung_turns": counts["hung"],
         "cancel_storm_other_errors": other_errors,
         "cancel_storm_wall_s": round(wall, 2),
     }
