@@ -53,9 +53,12 @@ async def wait_for(condition: Any, what: str, timeout: float = 20.0) -> None:
 
 
 async def first_audio(client: Client) -> None:
-    """Read until the first audio frame of the running turn."""
-    while not isinstance(await client.recv(), AudioChunk):
-        pass
+    """Read until the first audio frame of the running turn (which must not end first)."""
+    while True:
+        message = await client.recv()
+        if isinstance(message, AudioChunk):
+            return
+        assert not isinstance(message, TurnDone), f"the turn ended without audio: {message!r}"
 
 
 async def assert_server_books_clean(server: Any) -> None:
