@@ -263,6 +263,9 @@ def test_lone_surrogates_are_refused_or_spoken_never_a_crash(text: str) -> None:
             assert [e.code for e in driver.errors] in (["bad_message"], ["out_of_range"]), wire
         else:
             assert driver.active == "a", wire
-        # Whatever the core queued is valid UTF-8 on the wire (websockets encodes text).
-        for turn in session.open_turns:
-            assert turn.turn_id.encode()
+            # Text the core accepted comes back in marks: it must still encode as UTF-8,
+            # which is what websockets does with every text message the server sends.
+            session.send_mark("a", start=0, end=len(text), text=text)
+            for item in session.data_to_send():
+                if isinstance(item, str):
+                    item.encode()

@@ -44,7 +44,18 @@ def clone_with_audio(draw: st.DrawFn) -> list[str | bytes]:
     return [json.dumps(message), audio]
 
 
+# A whole turn whose text holds a lone surrogate (as a JSON escape): refused with a typed
+# error, or spoken; the marks that echo its text must still be sendable.
+surrogate_turn = st.builds(
+    lambda before, code: json.dumps(
+        {"type": "turn.start", "text": f"{before}{chr(code)} and more.", "end": True}
+    ),
+    st.sampled_from(["Hello ", "", "Well, "]),
+    st.integers(0xD800, 0xDFFF),
+)
+
 items = st.one_of(
+    surrogate_turn.map(lambda m: [m]),
     valid_messages.map(lambda m: [m]),
     valid_messages.map(lambda m: [m]),
     shaped_message().map(lambda m: [m]),
