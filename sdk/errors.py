@@ -48,6 +48,7 @@ __all__ = [
     "OutOfRangeError",
     "OverloadedError",
     "ProtocolError",
+    "ShuttingDownError",
     "TooManyTurnsError",
     "TurnClosedError",
     "UnknownMessageError",
@@ -114,6 +115,13 @@ class OverloadedError(VoxlaneError, RuntimeError):
     """The server's measured capacity cannot keep one more stream real time; retry later."""
 
     code = "overloaded"
+
+
+class ShuttingDownError(VoxlaneError, RuntimeError):
+    """The server is draining before it shuts down: the turn was not started, or it was still
+    speaking when the drain timeout ran out. Reconnect (to another instance) and retry."""
+
+    code = "shutting_down"
 
 
 class LLMError(VoxlaneError, RuntimeError):

@@ -62,6 +62,12 @@ class ServerMetrics:
             "voxlane_audio_seconds", "Seconds of audio generated.", registry=r
         )
         self.errors = Counter("voxlane_errors", "Errors by code.", ["code"], registry=r)
+        self.close_undelivered = Counter(
+            "voxlane_close_undelivered",
+            "Close frames that could not reach their client (it stopped reading), by close code.",
+            ["code"],
+            registry=r,
+        )
 
     def observe_turn(self, m: TurnMetrics, error: VoxlaneError | None) -> None:
         """Record a finished turn."""
