@@ -100,7 +100,10 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     """Accepted API keys. Empty *and* ``auth=False`` is the only way to serve without auth."""
     auth: bool = True
-    max_sessions: int = 32
+    max_sessions: int = 64
+    """Open WebSocket sessions; beyond it the handshake is refused with HTTP 503. A session
+    costs little until it speaks; turns beyond what the speech LM keeps real time are queued
+    by admission (``EngineConfig.admission``), not refused here."""
     limits: Limits = field(default_factory=Limits)
     default_config: SessionConfig = field(default_factory=SessionConfig)
     send_timeout_s: float = 20.0

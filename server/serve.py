@@ -44,7 +44,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="accepted API key (repeatable; also $VOXLANE_API_KEYS, comma-separated)",
     )
     p.add_argument("--no-auth", action="store_true", help="accept clients without an API key")
-    p.add_argument("--max-sessions", type=int, default=32)
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=64,
+        help="open WebSocket sessions (beyond: HTTP 503 at the handshake); default 64",
+    )
     p.add_argument("--max-turns", type=int, default=8, help="open turns per session")
     p.add_argument("--max-turn-chars", type=int, default=20_000)
     p.add_argument("--max-message-bytes", type=int, default=256 * 1024)
