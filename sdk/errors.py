@@ -15,6 +15,7 @@ Exception tree::
      ├── EngineError                  engine_error       the speech LM failed on a request
      │    └── ContextOverflowError    context_overflow   a segment cannot fit the context window
      ├── OverloadedError              overloaded         no capacity for one more real-time stream
+     ├── ShuttingDownError            shutting_down      the server drains: turn not started or cut
      ├── LLMError                     llm_error          the upstream LLM failed (agent mode)
      ├── ConnectionClosedError        connection_closed  the connection closed or never opened
      │    └── AuthenticationError     unauthorized       the server refused the API key
