@@ -414,7 +414,7 @@ class _Connection:
         counted (the client sees 1006)."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(code, reason), self.server.config.close_timeout_s)
-        if getattr(self.ws.protocol, "close_rcvd", None) is None:  # the client never answered
+        if self.ws.protocol.close_rcvd is None:  # the client never answered: it never read it
             log.warning("close code %d did not reach a client that stopped reading", code)
             self.server.metrics.close_undelivered.labels(str(code)).inc()
         self.ws.transport.abort()
@@ -735,20 +735,28 @@ class VoxlaneServer:
             f"the server shut down before the turn finished (drain timeout"
             f" {self.config.drain_timeout_s:g} s)"
         )
-        await asyncio.gather(
-            *(c.stop_turn(stop) for c in list(self._connections)), return_exceptions=True
-        )
         if self._server is not None:
             self._server.close(close_connections=False)
 
         async def going_away(conn: _Connection) -> None:
+            await conn.stop_turn(stop)
             for command in conn.session.close(CloseCode.GOING_AWAY, "server shutting down"):
                 await conn.run(command)
 
+        async def bounded(conn: _Connection) -> None:
+            # A client that stopped reading would hold its writer for send_timeout_s and its
+            # close handshake after that: it gets close_timeout_s, then it is cut. Cutting
+            # (not cancelling) ends the blocked sends, so the session then ends as usual.
+            task = asyncio.ensure_future(going_away(conn))
+            done, _ = await asyncio.wait({task}, timeout=self.config.close_timeout_s)
+            if not done:
+                log.warning("close code 1001 did not reach a client that stopped reading")
+                self.metrics.close_undelivered.labels(str(int(CloseCode.GOING_AWAY))).inc()
+                conn.ws.transport.abort()
+            await task
+
         # Concurrently: one client slow to answer the close handshake must not delay the rest.
-        await asyncio.gather(
-            *(going_away(c) for c in list(self._connections)), return_exceptions=True
-        )
+        await asyncio.gather(*(bounded(c) for c in list(self._connections)), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         if self.llm is not None:

@@ -713,6 +713,27 @@ async def test_a_turn_still_speaking_when_the_drain_ends_gets_turn_done(
     await wait_engine_idle(server.service)
 
 
+async def test_shutdown_cuts_a_client_that_stopped_reading(start_server: Any, connect: Any) -> None:
+    # Its writer would wait send_timeout_s (2 minutes here): shutdown gives it close_timeout_s.
+    server = await start_server(
+        send_timeout_s=120, send_buffer_bytes=8192, close_timeout_s=0.3, drain_timeout_s=0.2
+    )
+    async with connect(server, sock=stuck_socket(server), max_queue=1) as stuck:
+        await start_flood(stuck, max_frames=400)
+        deadline = time.monotonic() + 30
+        ahead = server.service.engine.config.max_frames_ahead
+        while not any(r.frames - r.consumed() >= ahead for r in engine_requests(server).values()):
+            assert time.monotonic() < deadline, "the stuck turn never paused"
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(server.close(), 60)
+        assert 'voxlane_close_undelivered_total{code="1001"} 1.0' in server.metrics.render()
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await stuck.recv(timeout=10)
+        assert stuck.ws.close_code == 1006
+    await wait_engine_idle(server.service)
+
+
 async def http_get_or_refused(port: int) -> int | None:
     try:
         return (await http_get(port, "/healthz"))[0]
