@@ -416,7 +416,7 @@ class _Connection:
             await asyncio.wait_for(self.ws.close(code, reason), self.server.config.close_timeout_s)
         if self.ws.protocol.close_rcvd is None:  # the client never answered: it never read it
             log.warning("close code %d did not reach a client that stopped reading", code)
-            self.server.metrics.close_undelivered.labels(str(code)).inc()
+            self.server.metrics.close_undelivered.labels(str(int(code))).inc()
         self.ws.transport.abort()
 
     # -- reader ---------------------------------------------------------------------------------
