@@ -527,6 +527,45 @@ async def test_a_turn_beyond_measured_capacity_is_refused_as_overloaded(
         assert (await client.speak("fine", "Back to normal.")).done.reason == "completed"
 
 
+async def test_a_turn_waits_for_room_then_is_refused_with_the_reason(
+    start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from voxlane.server.engine import SamplingParams
+
+    server = await start_server()
+    engine = server.service.engine
+    # Admission "wait" (the serve default), a capacity of one stream, a short bounded wait.
+    wait = dataclasses.replace(engine.config, admission="wait", admission_wait_s=0.3)
+    monkeypatch.setattr(engine, "config", wait)
+    monkeypatch.setattr(engine._core, "config", wait)
+    monkeypatch.setattr(engine._core.stats, "capacity", lambda headroom, limit=256: 1)
+    other = engine.open_session(engine.builtin_voice("leo"))
+    stream = other.generate(TEXT, SamplingParams(max_frames=400, seed=1))
+    await stream.__anext__()  # the other stream is admitted and streaming
+
+    async def read_all() -> None:
+        async for _ in stream:
+            pass
+
+    reader = asyncio.create_task(read_all())  # a reading listener: never paused
+    async with connect(server) as client:
+        await configure(client, sampling=SHORT)
+        await client.send(type="turn.start", turn_id="busy", text="Hello.", end=True)
+        await client.expect("turn.started")
+        error = await client.recv()
+        if isinstance(error, TurnMark):  # the segment was announced, then held: no audio
+            error = await client.recv()
+        assert (error.code, error.turn_id, error.fatal) == ("overloaded", "busy", False)
+        assert "waiting 0.3 s" in error.message
+        assert (await client.expect("turn.done")).reason == "error"
+        stream.cancel()
+        await reader
+        other.close()  # room again
+        assert (await client.speak("after", "Room again.")).done.reason == "completed"
+
+
 async def test_oversize_messages_close_with_1009(start_server: Any, connect: Any) -> None:
     server = await start_server(limits=Limits(max_message_bytes=2048, max_clone_bytes=4096))
     async with connect(server) as client:  # over the protocol limit: typed fatal error
