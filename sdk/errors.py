@@ -15,6 +15,7 @@ Exception tree::
      ├── EngineError                  engine_error       the speech LM failed on a request
      │    └── ContextOverflowError    context_overflow   a segment cannot fit the context window
      ├── OverloadedError              overloaded         no capacity for one more real-time stream
+     ├── ShuttingDownError            shutting_down      the server drains: turn not started or cut
      ├── LLMError                     llm_error          the upstream LLM failed (agent mode)
      ├── ConnectionClosedError        connection_closed  the connection closed or never opened
      │    └── AuthenticationError     unauthorized       the server refused the API key
@@ -50,6 +51,7 @@ __all__ = [
     "OutOfRangeError",
     "OverloadedError",
     "ProtocolError",
+    "ShuttingDownError",
     "TooManyTurnsError",
     "TurnClosedError",
     "UnknownMessageError",
@@ -116,6 +118,13 @@ class OverloadedError(VoxlaneError, RuntimeError):
     """The server's measured capacity cannot keep one more stream real time; retry later."""
 
     code = "overloaded"
+
+
+class ShuttingDownError(VoxlaneError, RuntimeError):
+    """The server is draining before it shuts down: the turn was not started, or it was still
+    speaking when the drain timeout ran out. Reconnect (to another instance) and retry."""
+
+    code = "shutting_down"
 
 
 class LLMError(VoxlaneError, RuntimeError):

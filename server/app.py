@@ -33,7 +33,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from voxlane.errors import AudioFormatError, EngineError, OutOfRangeError, VoxlaneError
+from voxlane.errors import (
+    AudioFormatError,
+    EngineError,
+    OutOfRangeError,
+    ShuttingDownError,
+    VoxlaneError,
+)
 from voxlane.protocol import (
     BUILTIN_VOICES,
     CloseCode,
@@ -95,11 +101,22 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     """Accepted API keys. Empty *and* ``auth=False`` is the only way to serve without auth."""
     auth: bool = True
-    max_sessions: int = 32
+    max_sessions: int = 64
+    """Open WebSocket sessions; beyond it the handshake is refused with HTTP 503. A session
+    costs little until it speaks; turns beyond what the speech LM keeps real time are queued
+    by admission (``EngineConfig.admission``), not refused here."""
     limits: Limits = field(default_factory=Limits)
     default_config: SessionConfig = field(default_factory=SessionConfig)
     send_timeout_s: float = 20.0
     """A client that stops reading for this long is closed (``CloseCode.SLOW_CONSUMER``, 4008)."""
+    close_timeout_s: float = 10.0
+    """How long such a client gets to read up to its 4008 close frame (queued behind the audio
+    it did not read) before the TCP connection is cut; a close frame that never got through
+    is logged and counted (``voxlane_close_undelivered_total``)."""
+    drain_timeout_s: float = 10.0
+    """Graceful shutdown (:meth:`VoxlaneServer.close`): how long active turns may go on
+    finishing while new sessions and turns are refused; what still speaks then ends with
+    ``turn.done`` (reason ``error``, code ``shutting_down``) before the 1001 close."""
     send_buffer_bytes: int | None = None
     """Kernel send buffer (``SO_SNDBUF``) of each connection; None keeps the OS default (up to
     megabytes on loopback). A small one bounds the audio in flight, so a client that stops
@@ -340,6 +357,7 @@ class _ActiveTurn:
         self.engine_session = engine_session
         self.task: asyncio.Task[None] | None = None
         self.cancelled = False
+        self.stop_error: VoxlaneError | None = None  # why the server stopped it (drain timeout)
         self.agent: AgentResponse | None = None  # agent mode: the LLM stream feeding this turn
 
 
@@ -391,9 +409,17 @@ class _Connection:
                     self._spawn(self._drop(CLOSE_SLOW_CONSUMER, "client stopped reading"))
 
     async def _drop(self, code: int, reason: str) -> None:
-        # The close handshake cannot get through a full buffer: send what we can, then cut.
+        """Close with ``code`` a client that stopped reading.
+
+        The close frame queues behind the audio the client has not read, so it gets through
+        only if the client reads again: it gets ``close_timeout_s`` to do so. Then the TCP
+        connection is cut, and a close code that never reached the client is logged and
+        counted (the client sees 1006)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code, reason), 1.0)
+            await asyncio.wait_for(self.ws.close(code, reason), self.server.config.close_timeout_s)
+        if self.ws.protocol.close_rcvd is None:  # the client never answered: it never read it
+            log.warning("close code %d did not reach a client that stopped reading", code)
+            self.server.metrics.close_undelivered.labels(str(int(code))).inc()
         self.ws.transport.abort()
 
     # -- reader ---------------------------------------------------------------------------------
@@ -492,6 +518,12 @@ class _Connection:
         from voxlane.server.engine.config import SamplingParams as EngineSampling
 
         config = command.config
+        if self.server.draining:
+            self._fail_start(
+                command.turn_id,
+                ShuttingDownError("the server is shutting down: no new turns; reconnect later"),
+            )
+            return
         try:
             voice = self.voices.get(config.voice) or self.service.engine.builtin_voice(config.voice)
             # One engine session per turn: ``context_window`` keeps earlier segments *of the
@@ -574,6 +606,8 @@ class _Connection:
         except Exception as exc:
             log.exception("turn %s failed", turn.turn_id)
             error = EngineError(f"turn failed: {exc}")
+        if turn.cancelled and turn.stop_error is not None:
+            error = turn.stop_error  # stopped by the server (drain), not by the client
         self._finish_turn(turn, error)
         await self.flush()
 
@@ -589,6 +623,7 @@ class _Connection:
                 # rather than at its next delta (a slow LLM could hold it for timeout_s).
                 turn.agent.task.cancel()
         turn.engine_session.close()  # frees its cache; its stream already ended or was aborted
+        self.server._turn_ended.set()  # a drain waits for this
         m = turn.pipeline.metrics
         self.server.metrics.observe_turn(m, error)
         if self.session.closed:
@@ -607,6 +642,20 @@ class _Connection:
         # routed to it, and that text would be lost.
         for command in commands:
             self._run_now(command)
+
+    async def stop_turn(self, error: VoxlaneError) -> None:
+        """End the active turn early on the server's behalf: ``error`` and ``turn.done``
+        (reason ``error``) are sent, and the session's queued turns start (and are refused if
+        the server is draining)."""
+        if self.turn is not None:
+            self.turn.stop_error = error
+            await self._cancel_turn()
+            await self.flush()
+
+    @property
+    def speaking(self) -> bool:
+        """True while a turn is active or queued."""
+        return self.turn is not None or bool(self.session.open_turns)
 
     async def _cancel_turn(self) -> None:
         turn = self.turn
@@ -635,6 +684,7 @@ class VoxlaneServer:
         self._connections: set[_Connection] = set()
         self._server: Any = None
         self._shutting_down = False
+        self._turn_ended = asyncio.Event()
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -668,26 +718,66 @@ class VoxlaneServer:
             await self.start()
         await self._server.serve_forever()
 
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`close` began: ``/healthz`` and new handshakes answer 503, new turns
+        are refused with ``shutting_down``."""
+        return self._shutting_down
+
     async def close(self, *, close_service: bool = False) -> None:
-        """Stop accepting, end every session with 1001 (going away), then wait for them."""
+        """Drain, then end every session with 1001 (going away) and wait for them.
+
+        The drain: ``/healthz`` and new handshakes answer 503 (the listener stays open, so a
+        load balancer sees the instance leave rather than a refused connection), new turns are
+        refused with ``shutting_down``, and active turns may finish for up to
+        ``config.drain_timeout_s``. A turn still speaking then ends with ``turn.done`` (reason
+        ``error``, code ``shutting_down``)."""
         self._shutting_down = True
+        await self._drain(self.config.drain_timeout_s)
+        stop = ShuttingDownError(
+            f"the server shut down before the turn finished (drain timeout"
+            f" {self.config.drain_timeout_s:g} s)"
+        )
         if self._server is not None:
             self._server.close(close_connections=False)
 
         async def going_away(conn: _Connection) -> None:
+            await conn.stop_turn(stop)
             for command in conn.session.close(CloseCode.GOING_AWAY, "server shutting down"):
                 await conn.run(command)
 
+        async def bounded(conn: _Connection) -> None:
+            # A client that stopped reading would hold its writer for send_timeout_s and its
+            # close handshake after that: it gets close_timeout_s, then it is cut. Cutting
+            # (not cancelling) ends the blocked sends, so the session then ends as usual.
+            task = asyncio.ensure_future(going_away(conn))
+            done, _ = await asyncio.wait({task}, timeout=self.config.close_timeout_s)
+            if not done:
+                log.warning("close code 1001 did not reach a client that stopped reading")
+                self.metrics.close_undelivered.labels(str(int(CloseCode.GOING_AWAY))).inc()
+                conn.ws.transport.abort()
+            await task
+
         # Concurrently: one client slow to answer the close handshake must not delay the rest.
-        await asyncio.gather(
-            *(going_away(c) for c in list(self._connections)), return_exceptions=True
-        )
+        await asyncio.gather(*(bounded(c) for c in list(self._connections)), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         if self.llm is not None:
             await self.llm.aclose()
         if close_service:
             await self.service.aclose()
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait until no session has an active or queued turn, or ``timeout`` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(c.speaking for c in self._connections):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._turn_ended.clear()
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct on 3.10
+                await asyncio.wait_for(self._turn_ended.wait(), remaining)
 
     # -- HTTP side ----------------------------------------------------------------------------
 

@@ -67,6 +67,12 @@ class ServerMetrics:
             "Segments the speech LM did not end, cut at the most frames their text can take.",
             registry=r,
         )
+        self.close_undelivered = Counter(
+            "voxlane_close_undelivered",
+            "Close frames that could not reach their client (it stopped reading), by close code.",
+            ["code"],
+            registry=r,
+        )
 
     def observe_turn(self, m: TurnMetrics, error: VoxlaneError | None) -> None:
         """Record a finished turn."""

@@ -45,18 +45,41 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="accepted API key (repeatable; also $VOXLANE_API_KEYS, comma-separated)",
     )
     p.add_argument("--no-auth", action="store_true", help="accept clients without an API key")
-    p.add_argument("--max-sessions", type=int, default=32)
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=64,
+        help="open WebSocket sessions (beyond: HTTP 503 at the handshake); default 64",
+    )
     p.add_argument("--max-turns", type=int, default=8, help="open turns per session")
     p.add_argument("--max-turn-chars", type=int, default=20_000)
     p.add_argument("--max-message-bytes", type=int, default=256 * 1024)
     p.add_argument("--max-clone-seconds", type=float, default=30.0)
     p.add_argument("--send-timeout", type=float, default=20.0, help="drop non-reading clients")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT: refuse new sessions and turns (HTTP 503), let active turns"
+        " finish for up to this long, end the rest with turn.done, then close with 1001",
+    )
     p.add_argument("--max-context", type=int, default=8192, help="KV cache slots per session")
     p.add_argument(
         "--admission",
-        choices=["refuse", "wait", "off"],
-        default="refuse",
-        help="beyond the measured real-time capacity, refuse a turn ('overloaded') or hold it",
+        choices=["wait", "refuse", "off"],
+        default="wait",
+        help="turns beyond the streams the speech LM keeps real time (measured): 'wait' (default)"
+        " queues them, oldest first, for up to --admission-wait seconds, then refuses them"
+        " ('overloaded'); 'refuse' refuses them at once; 'off' admits every turn",
+    )
+    p.add_argument(
+        "--admission-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --admission wait: longest a turn waits for room before it is refused"
+        " (default 30)",
     )
     p.add_argument("--max-batch", type=int, default=None, help="most requests per engine step")
     p.add_argument(
@@ -197,6 +220,7 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
             max_clone_seconds=args.max_clone_seconds,
         ),
         send_timeout_s=args.send_timeout,
+        drain_timeout_s=args.drain_timeout,
         llm=llm_config(args),
     )
     service = SpeechService.load(
@@ -207,6 +231,7 @@ def build_server(args: argparse.Namespace) -> VoxlaneServer:
         engine_config=EngineConfig(
             max_context=args.max_context,
             admission=args.admission,
+            admission_wait_s=args.admission_wait,
             max_batch=args.max_batch,
             pace_ahead_s=args.pace_ahead,
             segment_cap_s_per_char=args.segment_cap,

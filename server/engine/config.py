@@ -92,8 +92,11 @@ class EngineConfig:
     :class:`~voxlane.errors.OverloadedError` when the measured step throughput cannot keep one
     more stream real time using at most ``realtime_headroom`` of the real-time budget (the
     rest is left to SNAC decoding and jitter); ``"wait"`` accepts the session but holds its
-    first segment until a streaming session finishes (oldest first); ``"off"`` admits
-    everything.
+    first segment until a streaming session finishes (oldest first), and fails it with
+    ``OverloadedError`` after ``admission_wait_s`` (None: holds it as long as it takes);
+    ``"off"`` admits everything. Sessions whose consumer stopped taking frames (paused at
+    ``max_frames_ahead``) cost nothing and do not count as streams. ``voxlane serve``
+    defaults to ``"wait"``; this class to ``"off"`` (plain engine use, tests).
 
     ``quantize``: ``"int8"`` stores the decoder layers' projections as per-output-channel int8
     (activations stay float; CPU: voxlane's native C decode step where it builds, else
@@ -130,6 +133,7 @@ class EngineConfig:
     yield_ahead_s: float | None = 2.0
     pace_ahead_s: float | None = None
     admission: AdmissionPolicy = "off"
+    admission_wait_s: float | None = 30.0
     realtime_headroom: float = 0.7
     quantize: Quantize = "none"
     segment_cap_s_per_char: float | None = 0.25
@@ -166,6 +170,8 @@ class EngineConfig:
             raise OutOfRangeError(f"pace_ahead_s {self.pace_ahead_s} is not positive")
         if self.admission not in ("off", "refuse", "wait"):
             raise OutOfRangeError(f"admission {self.admission!r} is not off, refuse or wait")
+        if self.admission_wait_s is not None and self.admission_wait_s < 0:
+            raise OutOfRangeError(f"admission_wait_s {self.admission_wait_s} is negative")
         if not 0.0 < self.realtime_headroom <= 1.0:
             raise OutOfRangeError(f"realtime_headroom {self.realtime_headroom} is outside (0, 1]")
         if self.quantize not in ("none", "int8", "int4"):

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from voxlane.errors import ContextOverflowError, EngineError, VoxlaneError
+from voxlane.errors import ContextOverflowError, EngineError, OverloadedError, VoxlaneError
 from voxlane.server.orpheus import (
     AUDIO_TOKEN_BASE,
     CODEBOOK_SIZE,
@@ -137,8 +137,11 @@ class StepStats:
     """Measured decode-step time per batch size (EWMA), and the capacity it implies.
 
     Only steps that decoded and prefilled nothing else are recorded, so a sample is the cost
-    of ``B`` tokens in one batched forward (plus their heads and sampling). Missing batch sizes
-    are interpolated linearly between measured ones and extrapolated from the last two.
+    of ``B`` tokens in one batched forward (plus their heads and sampling). The engine records
+    its thread's CPU time, not wall time: a step that waited for the GIL (event loop, codec
+    thread) or for a core (the codec process, other programs) did not cost more, and under
+    load wall times made the capacity collapse and stay collapsed. Missing batch sizes are
+    interpolated linearly between measured ones and extrapolated from the last two.
     """
 
     def __init__(self, alpha: float = 0.2) -> None:
@@ -227,6 +230,7 @@ class EngineCore:
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         self._stopping = False
+        self.stalled_sessions = 0  # sessions whose client stopped reading (last schedule)
         self._jobs: list[tuple[Iterator[None], Callable[[BaseException | None], None]]] = []
         # Legal-row heads: the 4,096 rows of position p (a view of lm_head.weight; int8 copies
         # of them when the model is quantized).
@@ -406,13 +410,13 @@ class EngineCore:
             tokens = torch.full((b,), AUDIO_TOKEN_BASE, dtype=torch.long, device=self.model.device)
             samples = []
             for i in range(steps + 1):
-                started = time.perf_counter()
+                started = time.thread_time()  # as live steps: CPU time of this thread
                 hidden = self.model.decode_batch(caches, tokens)
                 logits = rows(hidden)
                 for row, sampler in zip(logits, samplers, strict=True):
                     sampler.sample(row, 0)
                 if i:  # the first step of a size pays one-off allocation costs
-                    samples.append(time.perf_counter() - started)
+                    samples.append(time.thread_time() - started)
             self.stats.record(b, statistics.median(samples))  # one stalled step is not the rate
 
     # -- the loop -----------------------------------------------------------------------
@@ -427,11 +431,17 @@ class EngineCore:
         so a paused engine blocks on its inbox instead of spinning; a paced request is looked
         at again when its listener should be down to the mark (:meth:`run`).
         """
-        limit = self.config.max_frames_ahead
-        if limit is not None and req.frames - req.consumed() >= limit:
+        if self._stalled(req):
             return True
         excess = self._pace_excess(req)
         return excess is not None and excess > 0
+
+    def _stalled(self, req: Request) -> bool:
+        """True while ``req``'s consumer holds ``max_frames_ahead`` frames it has not taken
+        (its client stopped reading): the request costs no compute, so admission does not count
+        it as a stream."""
+        limit = self.config.max_frames_ahead
+        return limit is not None and req.frames - req.consumed() >= limit
 
     def _pace_excess(self, req: Request) -> float | None:
         """Seconds of audio ``req``'s listener holds beyond ``pace_ahead_s`` (None: no pacing
@@ -446,15 +456,18 @@ class EngineCore:
 
     def _idle_timeout(self) -> float | None:
         """How long an idle loop may block on its inbox: until the first paced request is due
-        again (between 2 and 50 ms: a listener may stall), or forever (None)."""
+        again (between 2 and 50 ms: a listener may stall) or a held segment's admission wait
+        runs out, or forever (None)."""
         excess = [
             e
             for state in self.sessions.values()
             if state.active is not None and (e := self._pace_excess(state.active)) is not None
         ]
-        if not excess:
-            return None
-        return min(0.05, max(0.002, min(excess)))
+        paced = min(0.05, max(0.002, min(excess))) if excess else None
+        held = self._admission_timeout()
+        if held is None or (paced is not None and paced <= held):
+            return paced
+        return held + 0.001  # just past the deadline: the held segment is refused then
 
     def wake(self) -> None:
         """Make an idle loop look at its requests again (thread-safe)."""
@@ -517,7 +530,7 @@ class EngineCore:
                 self._jobs.remove(job)
                 done(exc)
         batch = self._schedule()
-        started = time.perf_counter()
+        started = time.thread_time()  # CPU time: waiting for the GIL or a core is not cost
         ready: list[Request] = []
         other_work = bool(self._jobs)
         for req in batch:
@@ -551,7 +564,7 @@ class EngineCore:
         if decode:
             self._decode(decode)
             if not other_work:
-                self.stats.record(len(decode), time.perf_counter() - started)
+                self.stats.record(len(decode), time.thread_time() - started)
 
     def _heads_isolated(self, reqs: list[Request]) -> dict[int, Tensor]:
         """:meth:`_heads` of ``reqs``; if the batched call fails, each request alone, so a
@@ -662,6 +675,7 @@ class EngineCore:
         ready: list[Request] = []
         now = self.clock()
         ahead: dict[int, float] = {}
+        stalled = 0
         for state in list(self.sessions.values()):
             if state.active is None and state.queue:
                 state.active = state.queue.popleft()
@@ -669,6 +683,9 @@ class EngineCore:
             if req is None:
                 continue
             try:  # the flow-control hints are the caller's callbacks: a raise is this request's
+                if self._stalled(req):
+                    stalled += 1
+                    continue
                 if self._paused(req):
                     continue
                 ahead[req.id] = req.ahead(now)
@@ -676,6 +693,7 @@ class EngineCore:
                 self._fail(req, exc)
                 continue
             ready.append(req)
+        self.stalled_sessions = stalled  # read by the event loop (admission "refuse")
         ready = self._admit(ready)
         if len(ready) < 2:
             return ready
@@ -690,7 +708,10 @@ class EngineCore:
     def _admit(self, ready: list[Request]) -> list[Request]:
         """Admission ``"wait"``: hold the first segment of new sessions (oldest first admitted)
         while the measured capacity is taken by sessions already streaming. One stream is
-        always admitted when nothing streams, so the engine cannot stall."""
+        always admitted when nothing streams, so the engine cannot stall. A session whose
+        client stopped reading (:meth:`_stalled`) is not streaming: it costs nothing. A
+        segment held ``admission_wait_s`` fails with :class:`~voxlane.errors.OverloadedError`
+        (a bounded queue: the caller learns why instead of waiting forever)."""
         if self.config.admission != "wait":
             return ready
         new = [r for r in ready if not r.session.streamed]
@@ -700,12 +721,46 @@ class EngineCore:
         if cap is None:
             return ready
         busy = sum(
-            1 for s in self.sessions.values() if s.streamed and (s.active is not None or s.queue)
+            1
+            for s in self.sessions.values()
+            if s.streamed
+            and (s.active is not None or s.queue)
+            and not (s.active is not None and self._stalled(s.active))
         )
         room = max(cap, 0 if busy else 1) - busy
         new.sort(key=lambda r: r.added_at)
-        held = {r.id for r in new[max(0, room) :]}
-        return [r for r in ready if r.id not in held]
+        held = new[max(0, room) :]
+        wait = self.config.admission_wait_s
+        now = self.clock()
+        for req in held:
+            if wait is not None and now - req.added_at >= wait:
+                self._finish(
+                    req,
+                    "error",
+                    rollback=False,
+                    error=OverloadedError(
+                        f"no room for another stream after waiting {wait:g} s: the speech"
+                        f" engine keeps {cap} streams real time and {busy} are streaming;"
+                        " try again later"
+                    ),
+                )
+        held_ids = {r.id for r in held}
+        return [r for r in ready if r.id not in held_ids]
+
+    def _admission_timeout(self) -> float | None:
+        """Seconds until the oldest held segment's admission wait runs out (None: no such
+        segment, or no bound), so an idle loop wakes to refuse it."""
+        wait = self.config.admission_wait_s
+        if self.config.admission != "wait" or wait is None:
+            return None
+        held = [
+            s.active.added_at
+            for s in self.sessions.values()
+            if s.active is not None and not s.streamed
+        ]
+        if not held:
+            return None
+        return max(0.0, min(held) + wait - self.clock())
 
     def _drain_aborts(self) -> None:
         while True:

@@ -261,13 +261,16 @@ class SpeechEngine:
     def check_admission(self) -> None:
         """Raise :class:`~voxlane.errors.OverloadedError` if one more stream would exceed the
         measured capacity (only with ``config.admission == "refuse"``). A stream is always
-        admitted when none is open: refusing it would help no one."""
+        admitted when none is open: refusing it would help no one. Sessions paused because
+        their consumer stopped taking frames do not count."""
         if self.config.admission != "refuse":
             return
         cap = self.capacity()
-        if cap is not None and self._open_sessions >= max(cap, 1):
+        # A session whose client stopped reading is paused and costs nothing: not a stream.
+        streams = self._open_sessions - self._core.stalled_sessions
+        if cap is not None and streams >= max(cap, 1):
             raise OverloadedError(
-                f"the speech engine keeps {cap} streams real time and {self._open_sessions}"
+                f"the speech engine keeps {cap} streams real time and {streams}"
                 " are active: try again when one finishes"
             )
 

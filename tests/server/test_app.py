@@ -673,6 +673,45 @@ async def test_a_turn_beyond_measured_capacity_is_refused_as_overloaded(
         assert (await client.speak("fine", "Back to normal.")).done.reason == "completed"
 
 
+async def test_a_turn_waits_for_room_then_is_refused_with_the_reason(
+    start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from voxlane.server.engine import SamplingParams
+
+    server = await start_server()
+    engine = server.service.engine
+    # Admission "wait" (the serve default), a capacity of one stream, a short bounded wait.
+    wait = dataclasses.replace(engine.config, admission="wait", admission_wait_s=0.3)
+    monkeypatch.setattr(engine, "config", wait)
+    monkeypatch.setattr(engine._core, "config", wait)
+    monkeypatch.setattr(engine._core.stats, "capacity", lambda headroom, limit=256: 1)
+    other = engine.open_session(engine.builtin_voice("leo"))
+    stream = other.generate(TEXT, SamplingParams(max_frames=400, seed=1))
+    await stream.__anext__()  # the other stream is admitted and streaming
+
+    async def read_all() -> None:
+        async for _ in stream:
+            pass
+
+    reader = asyncio.create_task(read_all())  # a reading listener: never paused
+    async with connect(server) as client:
+        await configure(client, sampling=SHORT)
+        await client.send(type="turn.start", turn_id="busy", text="Hello.", end=True)
+        await client.expect("turn.started")
+        error = await client.recv()
+        if isinstance(error, TurnMark):  # the segment was announced, then held: no audio
+            error = await client.recv()
+        assert (error.code, error.turn_id, error.fatal) == ("overloaded", "busy", False)
+        assert "waiting 0.3 s" in error.message
+        assert (await client.expect("turn.done")).reason == "error"
+        stream.cancel()
+        await reader
+        other.close()  # room again
+        assert (await client.speak("after", "Room again.")).done.reason == "completed"
+
+
 async def test_oversize_messages_close_with_1009(start_server: Any, connect: Any) -> None:
     server = await start_server(limits=Limits(max_message_bytes=2048, max_clone_bytes=4096))
     async with connect(server) as client:  # over the protocol limit: typed fatal error
@@ -706,43 +745,119 @@ async def test_too_many_errors_close_with_1008(start_server: Any, connect: Any) 
 # ------------------------------------------------------------------- back-pressure, shutdown
 
 
-async def test_client_that_stops_reading_is_closed_with_4008(
-    start_server: Any, connect: Any
-) -> None:
-    server = await start_server(send_timeout_s=0.3, send_buffer_bytes=8192)
-    # A small receive buffer and no client-side queueing: the server's writes back up fast.
+def stuck_socket(server: Any) -> socket.socket:
+    """A connected socket with a small receive buffer: a client on it that stops reading
+    backs the server's writes up fast."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     sock.setblocking(False)
-    async with connect(server, sock=sock, max_queue=1) as client:
-        await configure(
-            client,
-            sample_rate=48000,
-            sample_format="pcm_f32le",
-            sampling={"max_frames": 60, "seed": 1},
-        )
-        await client.send(type="turn.start", turn_id="flood", text=TEXT, end=True)
-        deadline = time.monotonic() + 30
-        while 'voxlane_errors_total{code="slow_consumer"}' not in server.metrics.render():
-            assert time.monotonic() < deadline, "the server never gave up on the client"
-            await asyncio.sleep(0.01)
-        # Read what was buffered: the close frame with 4008 follows it.
+    return sock
+
+
+async def start_flood(client: Client, turn_id: str = "flood", max_frames: int = 60) -> None:
+    """Configure bulky audio and start a long turn (the client then stops reading)."""
+    await configure(
+        client,
+        sample_rate=48000,
+        sample_format="pcm_f32le",
+        sampling={"max_frames": max_frames, "seed": 1},
+    )
+    await client.send(type="turn.start", turn_id=turn_id, text=TEXT * 3, end=True)
+
+
+async def wait_metric(server: Any, line: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in server.metrics.render():
+        assert time.monotonic() < deadline, f"never saw {line}"
+        await asyncio.sleep(0.01)
+
+
+async def test_client_that_stops_reading_is_closed_with_4008(
+    start_server: Any, connect: Any
+) -> None:
+    server = await start_server(send_timeout_s=0.3, send_buffer_bytes=8192)
+    # No client-side queueing: the server's writes back up fast.
+    async with connect(server, sock=stuck_socket(server), max_queue=1) as client:
+        await start_flood(client)
+        await wait_metric(server, 'voxlane_errors_total{code="slow_consumer"}')
+        # The client reads again, a while later: what was buffered, then the 4008 close frame
+        # (the server used to cut the connection after 1 s, and the client saw 1006).
+        await asyncio.sleep(2.0)
         with pytest.raises(ConnectionClosed):
             while True:
                 await client.recv(timeout=10)
         assert client.ws.close_code == CloseCode.SLOW_CONSUMER == 4008  # docs/protocol.md
+    assert "voxlane_close_undelivered_total{" not in server.metrics.render()
     await wait_engine_idle(server.service, timeout=10)
 
 
-async def test_graceful_shutdown_closes_sessions_with_1001(start_server: Any, connect: Any) -> None:
-    server = await start_server()
+async def test_a_close_code_that_cannot_reach_the_client_is_counted(
+    start_server: Any, connect: Any
+) -> None:
+    server = await start_server(send_timeout_s=0.3, send_buffer_bytes=8192, close_timeout_s=0.3)
+    async with connect(server, sock=stuck_socket(server), max_queue=1) as client:
+        await start_flood(client)
+        # It never reads again: the connection is cut, and the lost close code counted.
+        await wait_metric(server, 'voxlane_close_undelivered_total{code="4008"} 1.0')
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await client.recv(timeout=10)
+        assert client.ws.close_code == 1006  # abnormal closure: no close frame came
+    await wait_engine_idle(server.service, timeout=10)
+
+
+async def test_a_client_that_stopped_reading_does_not_take_a_stream_slot(
+    start_server: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    server = await start_server(send_buffer_bytes=8192)
+    engine = server.service.engine
+    # Capacity for one stream, admission "refuse": the stalled turn must not count.
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, admission="refuse"))
+    monkeypatch.setattr(engine._core.stats, "capacity", lambda headroom, limit=256: 1)
+    async with connect(server, sock=stuck_socket(server), max_queue=1) as stuck:
+        await start_flood(stuck, max_frames=400)
+        deadline = time.monotonic() + 30
+        ahead = engine.config.max_frames_ahead
+        while not any(r.frames - r.consumed() >= ahead for r in engine_requests(server).values()):
+            assert time.monotonic() < deadline, "the stuck turn never paused"  # max_frames_ahead
+            await asyncio.sleep(0.01)
+        async with connect(server) as other:
+            await configure(other, sampling=SHORT)
+            result = await other.speak("other", "Hello.")
+            assert result.done.reason == "completed" and result.samples > 0
+    await wait_engine_idle(server.service, timeout=10)
+
+
+async def test_shutdown_drains_active_turns_then_closes_with_1001(
+    start_server: Any, connect: Any
+) -> None:
+    server = await start_server(drain_timeout_s=60)
     async with connect(server) as client, connect(server) as idle:
-        await configure(client, sampling={"max_frames": 400, "seed": 1})
-        await client.send(type="turn.start", turn_id="t", text=TEXT, end=True)
+        await configure(client, sampling={"max_frames": 8, "seed": 1})
+        await client.send(type="turn.start", turn_id="t", text="Hello there.")  # still open
         while not isinstance(await client.recv(), AudioChunk):
             pass
         closing = asyncio.create_task(server.close())
+        # Draining: the instance answers 503 (health check, new handshakes), still listening.
+        deadline = time.monotonic() + 10
+        while (await http_get(server.port, "/healthz"))[0] != 503:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(server):
+                pass
+        assert info.value.response.status_code == 503
+        # A turn asked for during the drain is refused, once the active one is done.
+        await client.send(type="turn.start", turn_id="late", text="Too late.", end=True)
+        await client.send(type="turn.end", turn_id="t")
+        result = await client.collect("t")
+        assert result.done.reason == "completed" and result.samples > 0
+        error = await client.expect("error")
+        assert (error.code, error.turn_id, error.fatal) == ("shutting_down", "late", False)
+        assert (await client.expect("turn.done")).reason == "error"
         for ws in (client, idle):
             with pytest.raises(ConnectionClosed):
                 while True:
@@ -750,7 +865,58 @@ async def test_graceful_shutdown_closes_sessions_with_1001(start_server: Any, co
             assert ws.ws.close_code == 1001
         await closing
     assert (await http_get_or_refused(server.port)) is None
-    await wait_engine_idle(server.service)  # the turn's segment was aborted
+    await wait_engine_idle(server.service)
+
+
+async def test_a_turn_still_speaking_when_the_drain_ends_gets_turn_done(
+    start_server: Any, connect: Any
+) -> None:
+    server = await start_server(drain_timeout_s=0.2)
+    async with connect(server) as client:
+        await configure(client, sampling={"max_frames": 400, "seed": 1})
+        await client.send(type="turn.start", turn_id="t", text=TEXT)  # never ended
+        await client.send(type="turn.start", turn_id="next", text="Queued.", end=True)
+        while not isinstance(await client.recv(), AudioChunk):
+            pass
+        closing = asyncio.create_task(server.close())
+        seen = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                message = await client.recv(timeout=10)
+                if not isinstance(message, AudioChunk):
+                    seen.append((message.type, getattr(message, "code", None)))
+                    if isinstance(message, TurnDone):
+                        seen[-1] = (message.type, message.turn_id, message.reason)
+        assert seen[-4:] == [
+            ("error", "shutting_down"),
+            ("turn.done", "t", "error"),
+            ("error", "shutting_down"),
+            ("turn.done", "next", "error"),
+        ]
+        assert client.ws.close_code == 1001
+        await closing
+    await wait_engine_idle(server.service)
+
+
+async def test_shutdown_cuts_a_client_that_stopped_reading(start_server: Any, connect: Any) -> None:
+    # Its writer would wait send_timeout_s (2 minutes here): shutdown gives it close_timeout_s.
+    server = await start_server(
+        send_timeout_s=120, send_buffer_bytes=8192, close_timeout_s=0.3, drain_timeout_s=0.2
+    )
+    async with connect(server, sock=stuck_socket(server), max_queue=1) as stuck:
+        await start_flood(stuck, max_frames=400)
+        deadline = time.monotonic() + 30
+        ahead = server.service.engine.config.max_frames_ahead
+        while not any(r.frames - r.consumed() >= ahead for r in engine_requests(server).values()):
+            assert time.monotonic() < deadline, "the stuck turn never paused"
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(server.close(), 60)
+        assert 'voxlane_close_undelivered_total{code="1001"} 1.0' in server.metrics.render()
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await stuck.recv(timeout=10)
+        assert stuck.ws.close_code == 1006
+    await wait_engine_idle(server.service)
 
 
 async def http_get_or_refused(port: int) -> int | None:

@@ -53,6 +53,10 @@ def test_defaults_decode_in_a_child_with_one_thread(
         assert program.precision == "float32"
         assert service.engine.config.pace_ahead_s is None  # no pacing unless asked
         assert service.engine.config.segment_cap_s_per_char == 0.25  # the text cap is on
+        # Turns beyond the measured capacity queue for up to 30 s; SIGTERM drains for 10 s.
+        assert service.engine.config.admission == "wait"
+        assert service.engine.config.admission_wait_s == 30.0
+        assert server.config.drain_timeout_s == 10.0 and server.config.max_sessions == 64
         # The LM gets the cores the codec does not use.
         assert service.engine.config.num_threads == max(1, (os.cpu_count() or 2) - 1)
     finally:

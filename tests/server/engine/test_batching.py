@@ -282,6 +282,82 @@ def test_admission_wait_holds_new_sessions_until_a_stream_finishes(kit, tiny_mod
     assert len(second_sink.frames) == 4
 
 
+def _stream(kit, core, name: str, *, consumed=None, max_frames: int = 40, seed: int = 1):
+    """A segment of a new session; ``consumed`` is its consumer's progress (default: none)."""
+    sink = kit.Sink()
+    req = Request(
+        id=core.next_id(),
+        session=core.new_session(Voice.builtin(name)),
+        text=name,
+        params=SamplingParams(max_frames=max_frames, seed=seed),
+        emit=sink,
+    )
+    if consumed is not None:
+        req.consumed = consumed
+    core.add_request(req)
+    return req, sink
+
+
+def test_admission_does_not_count_a_stream_whose_client_stopped_reading(
+    kit, tiny_model, monkeypatch
+) -> None:
+    # Capacity one stream. The first one's consumer takes nothing, so it pauses at
+    # max_frames_ahead: it costs no compute and must not keep the next session waiting.
+    core = kit.make_core(tiny_model, admission="wait", max_frames_ahead=2)
+    monkeypatch.setattr(core.stats, "capacity", lambda headroom, limit=256: 1)
+    stuck, _ = _stream(kit, core, "tara")
+    while stuck.frames < 2:
+        core.step()
+    other, other_sink = _stream(kit, core, "leo", consumed=lambda: 10_000, max_frames=4)
+    kit.run_until_done(core, other)
+    assert len(other_sink.frames) == 4 and other_sink.finished.reason == "max_frames"
+    assert not stuck.done and stuck.frames == 2  # still paused, not cancelled
+
+
+def test_admission_wait_is_bounded_and_says_why(kit, tiny_model, monkeypatch) -> None:
+    from voxlane.errors import OverloadedError
+
+    clock = FakeClock()
+    core = kit.make_core(tiny_model, admission="wait", admission_wait_s=5.0, max_frames_ahead=None)
+    core.clock = clock
+    monkeypatch.setattr(core.stats, "capacity", lambda headroom, limit=256: 1)
+    first, _ = _stream(kit, core, "tara", max_frames=100)
+    core.step()
+    second, second_sink = _stream(kit, core, "leo", max_frames=4, seed=2)
+    for _ in range(3):
+        core.step()
+    assert second.steps == 0 and not second.done  # queued behind the streaming session
+    assert core._idle_timeout() == pytest.approx(5.0 + 0.001)  # an idle loop wakes for it
+    clock.now += 4.9
+    core.step()
+    assert not second.done
+    clock.now += 0.2  # waited longer than admission_wait_s: refused, with the reason
+    core.step()
+    assert second.done and second.steps == 0 and second_sink.frames == []
+    error = second_sink.error
+    assert isinstance(error, OverloadedError) and error.code == "overloaded"
+    assert "5 s" in str(error) and "1 streams real time" in str(error)
+    assert not first.done and core.requests == {first.id: first}  # the stream goes on
+    assert not core.sessions[second.session.id].queue and second.session.active is None
+
+
+def test_step_times_are_cpu_time_of_the_engine_thread(kit, tiny_model, monkeypatch) -> None:
+    # A step that had to wait (for the GIL, for a core) did not cost more: under load, wall
+    # times made the capacity collapse. A sleep inside the forward stands for such a wait.
+    core = kit.make_core(tiny_model, max_frames_ahead=None)
+    real = core.model.decode_batch
+
+    def waits(caches, tokens):
+        time.sleep(0.3)
+        return real(caches, tokens)
+
+    monkeypatch.setattr(core.model, "decode_batch", waits)
+    _stream(kit, core, "tara", max_frames=2)
+    while 1 not in core.stats.seconds:
+        core.step()
+    assert core.stats.seconds[1] < 0.3
+
+
 def test_the_playback_hint_decides_who_is_ahead(kit, tiny_model) -> None:
     # A listener holding 5 s of audio (the pipeline says so) yields to one holding none,
     # even though the engine's own clock sees both at the same point.
