@@ -52,21 +52,28 @@ def test_decode_batch_equals_each_sequence_alone(kit, tiny_model) -> None:
         assert (batched[b] - alone[b]).abs().max().item() <= 1e-5
 
 
-def test_frames_are_the_same_alone_or_batched(kit, tiny_model, monkeypatch) -> None:
+def _frames_alone_and_batched(kit, model, texts, monkeypatch=None):
+    """Each text's 8 seeded frames on a core of its own, then all texts batched on one core
+    (with the batch sizes seen, where ``monkeypatch`` is given): ``(alone, runs, core, sizes)``."""
     voice = Voice.builtin("tara")
     alone = []
-    for i, text in enumerate(TEXTS):
-        core = kit.make_core(tiny_model)
+    for i, text in enumerate(texts):
+        core = kit.make_core(model)
         req, sink = kit.submit(core, core.new_session(voice), text, max_frames=8, seed=i)
         kit.run_until_done(core, req)
         alone.append(sink.frames)
-    core = kit.make_core(tiny_model)
-    sizes = spy_batches(core, monkeypatch)
+    core = kit.make_core(model)
+    sizes = spy_batches(core, monkeypatch) if monkeypatch is not None else []
     runs = [
         kit.submit(core, core.new_session(voice), text, max_frames=8, seed=i)
-        for i, text in enumerate(TEXTS)
+        for i, text in enumerate(texts)
     ]
     kit.run_until_done(core, *(r for r, _ in runs))
+    return alone, runs, core, sizes
+
+
+def test_frames_are_the_same_alone_or_batched(kit, tiny_model, monkeypatch) -> None:
+    alone, runs, _, sizes = _frames_alone_and_batched(kit, tiny_model, TEXTS, monkeypatch)
     assert max(sizes) == 3  # the three streams really shared forwards
     assert [sink.frames for _, sink in runs] == alone
     assert all(len(f) == 8 for f in alone)
@@ -528,19 +535,7 @@ def test_float32_rows_and_frames_do_not_depend_on_the_batch(kit, tiny_model) -> 
     # last bit, and a sampled token flipped now and then: these three streams parted at frame
     # 2. Small products now run in zero-padded blocks of a fixed row count.
     texts = ["the first stream here", "a second, longer stream of words", "third one"]
-    voice = Voice.builtin("tara")
-    alone = []
-    for i, text in enumerate(texts):
-        core = kit.make_core(tiny_model)
-        req, sink = kit.submit(core, core.new_session(voice), text, max_frames=8, seed=i)
-        kit.run_until_done(core, req)
-        alone.append(sink.frames)
-    core = kit.make_core(tiny_model)
-    runs = [
-        kit.submit(core, core.new_session(voice), text, max_frames=8, seed=i)
-        for i, text in enumerate(texts)
-    ]
-    kit.run_until_done(core, *(r for r, _ in runs))
+    alone, runs, core, _ = _frames_alone_and_batched(kit, tiny_model, texts)
     assert [sink.frames for _, sink in runs] == alone
     # The rows themselves: a decode step and the heads, one request or three.
     model = core.model
