@@ -105,9 +105,12 @@ def _float_linear(x: Tensor, w: Tensor) -> Tensor:
     vs 0.60 ms at 512 x 4096, one thread), where 4 rows cost 1.2 ms and 8 rows 1.9 ms; a
     batch pays one call per pair of rows. Larger products (prefill chunks) are one call.
     CPU only: on a GPU one call per pair of rows would cost a kernel launch each, so there
-    a seeded stream is reproducible alone but may part from the same stream batched."""
+    a seeded stream is reproducible alone but may part from the same stream batched. Only
+    rows of one token each (a decode step ``[B, 1, D]``, the heads ``[n, D]``): a prefill
+    chunk ``[1, T, D]`` runs alone, so its call is the same whatever else runs, and blocks
+    of 2 would cost a short prompt one call per token pair (first audio ~30% later)."""
     n = x.numel() // x.shape[-1]
-    if n > 64 or x.device.type != "cpu":
+    if n > 64 or x.device.type != "cpu" or (x.dim() > 2 and x.shape[-2] > 1):
         return F.linear(x, w)
     block = 2  # any fixed count gave the same bits at every row position (64-3,072 wide)
     rows = x.reshape(n, x.shape[-1])
