@@ -686,7 +686,8 @@ class EngineCore:
                 if self._stalled(req):
                     stalled += 1
                     continue
-                if self._paused(req):
+                excess = self._pace_excess(req)  # _paused, less the stall just checked
+                if excess is not None and excess > 0:
                     continue
                 ahead[req.id] = req.ahead(now)
             except Exception as exc:
